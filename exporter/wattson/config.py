@@ -1,0 +1,224 @@
+"""The configuration file: one YAML document validated by pydantic.
+
+Unknown keys are errors. Every failure becomes a ConfigError whose one-line message
+names the file, the key path and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from .grid.registry import CARBON_SOURCES, PRICE_SOURCES
+from .model import StrictModel
+
+DEFAULT_PORT = 9874
+DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
+
+
+class ConfigError(Exception):
+    """A bad configuration: the message is one line and says where and what."""
+
+
+def _union(table: dict[str, tuple[type, Any]]) -> Any:
+    models = tuple(model for model, _factory in table.values())
+    if len(models) == 1:
+        return models[0]
+    return Annotated[Union[models], Field(discriminator="type")]  # noqa: UP007
+
+
+CarbonSourceConfig = _union(CARBON_SOURCES)
+PriceSourceConfig = _union(PRICE_SOURCES)
+
+
+class WebConfig(StrictModel):
+    listen_address: str = Field(default=DEFAULT_LISTEN_ADDRESS, description="host:port to serve HTTP on.")
+    config_file: str | None = Field(default=None, description="exporter-toolkit web config (TLS, basic auth).")
+
+    @field_validator("listen_address")
+    @classmethod
+    def _check_address(cls, v: str) -> str:
+        parse_listen_address(v)
+        return v
+
+
+class SamplerConfig(StrictModel):
+    interval_seconds: float = Field(default=1.0, ge=0.1, le=60)
+    gpu_timeout_seconds: float = Field(
+        default=2.0, gt=0, le=60, description="A GPU read slower than this marks the GPU down (hung).")
+    max_power_watts: float = Field(
+        default=3000.0, gt=0, description="An energy step implying more average power than this is a reset.")
+
+
+SimProfile = Literal["idle", "training", "inference"]
+
+
+class SimulatedConfig(StrictModel):
+    count: int = Field(default=4, ge=1, le=1024)
+    model: str = Field(default="H100-SXM", description="One of the models in wattson.gpu.simulated.MODELS.")
+    profiles: list[SimProfile] = Field(
+        default_factory=lambda: ["training", "inference", "idle"],
+        min_length=1, description="Load profile per GPU, repeated cyclically over the GPUs.")
+    seed: int = 42
+    energy_counter: bool = Field(default=True, description="False simulates a pre-Volta GPU (integrated).")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from .gpu.simulated import MODELS
+
+        if v not in MODELS:
+            raise ValueError(f"unknown model {v!r}, expected one of {', '.join(sorted(MODELS))}")
+        return v
+
+
+class NvmlConfig(StrictModel):
+    init_retry_initial_seconds: float = Field(default=1.0, gt=0)
+    init_retry_max_seconds: float = Field(default=60.0, gt=0)
+
+
+class GpuConfig(StrictModel):
+    backend: Literal["nvml", "simulated"] = "nvml"
+    simulated: SimulatedConfig = Field(default_factory=SimulatedConfig)
+    nvml: NvmlConfig = Field(default_factory=NvmlConfig)
+
+
+class CarbonSignalConfig(StrictModel):
+    zone: str = Field(default="DE", min_length=1)
+    max_age_seconds: float = Field(
+        default=7200.0, gt=0, description="Data older than this (past its interval) is stale; fall back.")
+    sources: list[CarbonSourceConfig] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: [{"type": "bundled"}], validate_default=True, min_length=1)
+
+
+class PriceSignalConfig(StrictModel):
+    zone: str = Field(default="DE", min_length=1)
+    max_age_seconds: float = Field(default=7200.0, gt=0)
+    sources: list[PriceSourceConfig] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: [{"type": "static", "price_per_kwh": 0.30, "currency": "EUR"}],
+        validate_default=True, min_length=1)
+
+
+class GridConfig(StrictModel):
+    pue: float = Field(default=1.0, ge=1.0, le=5.0, description="Facility overhead factor.")
+    carbon: CarbonSignalConfig | None = Field(default_factory=CarbonSignalConfig)
+    price: PriceSignalConfig | None = Field(default_factory=PriceSignalConfig)
+
+
+class BudgetsConfig(StrictModel):
+    currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
+    cost_per_day: float | None = Field(default=None, ge=0)
+    cost_per_month: float | None = Field(default=None, ge=0)
+    co2e_grams_per_day: float | None = Field(default=None, ge=0)
+    co2e_grams_per_month: float | None = Field(default=None, ge=0)
+    carbon_intensity_threshold_grams_per_kwh: float | None = Field(default=None, ge=0)
+
+
+class WorkloadsConfig(StrictModel):
+    enabled: bool = False
+    proc_root: str = "/proc"
+    retention_seconds: float = Field(default=900.0, ge=0)
+    max_series: int = Field(default=500, ge=1)
+
+
+class Config(StrictModel):
+    log_level: Literal["debug", "info", "warn", "error"] = "info"
+    web: WebConfig = Field(default_factory=WebConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    gpu: GpuConfig = Field(default_factory=GpuConfig)
+    grid: GridConfig = Field(default_factory=GridConfig)
+    budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
+    workloads: WorkloadsConfig = Field(default_factory=WorkloadsConfig)
+
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """':9874' / '0.0.0.0:9874' / '[::1]:9874' -> (host, port)."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"expected host:port, got {value!r}")
+    host = host.strip("[]")
+    return host, int(port_text)
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in CARBON_SOURCES or item in PRICE_SOURCES:
+            # pydantic inserts the union tag into the location; it is not a key the user wrote
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """Best effort: the line where the innermost key of `loc` is written in the YAML file."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for item in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == item:
+                    line, node = key_node.start_mark.line + 1, value_node
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(item, int) and item < len(node.value):
+            node = node.value[item]
+            line = node.start_mark.line + 1
+    return line
+
+
+def format_validation_error(exc: ValidationError, source: str, text: str = "") -> str:
+    errors = exc.errors()
+    err = errors[0]
+    path = _key_path(tuple(err["loc"]))
+    line = _line_of(text, tuple(err["loc"])) if text else None
+    where = f"{source}:{line}" if line else source
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (check spelling; see docs/configuration.md)"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    elif "input" in err and err["type"] not in ("model_type", "dict_type"):
+        msg = f"{msg} (got {err['input']!r})"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return f"{where}: {path}: {msg}{more}"
+
+
+def load_config(path: str | None) -> Config:
+    """Load and validate; without a path, the embedded defaults."""
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: (top level): expected a mapping of keys, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source, text)) from None

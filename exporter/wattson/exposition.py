@@ -1,0 +1,209 @@
+"""Prometheus exposition of a Snapshot, in client_python's custom-collector style.
+
+The text is rendered once per snapshot and cached, so a scrape costs a dictionary lookup and a
+socket write however many scrapers there are. Nothing here calls NVML or the network.
+"""
+
+from __future__ import annotations
+
+import gzip
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from . import __version__
+from .gpu.base import ERROR_KINDS
+from .grid.base import ERROR_REASONS
+from .snapshot import Snapshot
+
+GPU = ["gpu", "uuid"]
+
+
+def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=labels if labels is not None else GPU)
+
+
+def snapshot_metrics(snap: Snapshot) -> Iterator[Metric]:
+    build = GaugeMetricFamily("wattson_build_info", "wattson build information; always 1.", labels=["version"])
+    build.add_metric([__version__], 1)
+    yield build
+    yield from _gpu_metrics(snap)
+    yield from _grid_metrics(snap)
+    yield from _budget_metrics(snap)
+    sd = GaugeMetricFamily("wattson_sampler_duration_seconds",
+                           "Wall-clock duration of the last sampling round over all GPUs.")
+    sd.add_metric([], snap.duration_seconds)
+    yield sd
+    if snap.timestamp is not None:
+        ts = GaugeMetricFamily("wattson_last_sample_timestamp_seconds",
+                               "UNIX time of the last completed sampling round.")
+        ts.add_metric([], snap.timestamp)
+        yield ts
+    for family in snap.extra:
+        yield from family  # type: ignore[misc]
+
+
+def _gpu_metrics(snap: Snapshot) -> Iterator[Metric]:
+    info = GaugeMetricFamily(
+        "wattson_gpu_info", "GPU identity; always 1. backend=simulated marks simulated GPUs.",
+        labels=["gpu", "uuid", "name", "pci_bus_id", "driver_version", "energy_method", "backend"])
+    up = _gauge("wattson_gpu_up", "1 if the last read of this GPU succeeded, 0 if it failed or hung.")
+    power = _gauge("wattson_gpu_power_watts", "Power draw of the GPU board in watts.")
+    limit = _gauge("wattson_gpu_power_limit_watts", "Enforced power limit in watts.")
+    energy = CounterMetricFamily("wattson_gpu_energy_joules", "Energy used by the GPU since wattson started, "
+                                 "in joules (no PUE applied).", labels=GPU)
+    mem_used = _gauge("wattson_gpu_memory_used_bytes", "GPU memory used in bytes (reserved memory excluded).")
+    mem_total = _gauge("wattson_gpu_memory_total_bytes", "GPU memory in bytes.")
+    util = _gauge("wattson_gpu_utilization_ratio", "Fraction of the last sample period a kernel was running.")
+    cost = CounterMetricFamily("wattson_gpu_cost", "Money paid for this GPU's energy (x PUE) at positive "
+                               "prices, in currency units. Net cost = cost - cost_credit.",
+                               labels=GPU + ["currency"])
+    credit = CounterMetricFamily("wattson_gpu_cost_credit", "Money earned for this GPU's energy (x PUE) at "
+                                 "negative prices, as a positive amount in currency units.",
+                                 labels=GPU + ["currency"])
+    co2e = CounterMetricFamily("wattson_gpu_co2e_grams", "CO2-equivalent emitted for this GPU's energy (x PUE) "
+                               "at the grid intensity in force at the time, in grams.", labels=GPU)
+    unpriced = CounterMetricFamily("wattson_gpu_unpriced_energy_joules", "Energy (x PUE) used while no value of "
+                                   "the signal was known, in joules; not included in cost or co2e.",
+                                   labels=GPU + ["signal"])
+    errors = CounterMetricFamily("wattson_sampler_errors", "Failed GPU reads by error kind.",
+                                 labels=GPU + ["error"])
+    for g in snap.gpus:
+        ident = g.identity
+        lv = [str(ident.index), ident.uuid]
+        info.add_metric(lv + [ident.name, ident.pci_bus_id, ident.driver_version, g.energy_method, snap.backend], 1)
+        up.add_metric(lv, 1 if g.up else 0)
+        energy.add_metric(lv, g.energy_joules)
+        r = g.reading
+        if r is not None:
+            # Gauges of a GPU that is down keep their last value only through wattson_gpu_up=0; a stale
+            # power reading would lie, so power and utilization are dropped while down.
+            if g.up:
+                power.add_metric(lv, r.power_watts)
+                if r.utilization_ratio is not None:
+                    util.add_metric(lv, r.utilization_ratio)
+            if r.power_limit_watts is not None:
+                limit.add_metric(lv, r.power_limit_watts)
+            if r.memory_total_bytes is not None:
+                mem_total.add_metric(lv, r.memory_total_bytes)
+            if g.up and r.memory_used_bytes is not None:
+                mem_used.add_metric(lv, r.memory_used_bytes)
+        for currency, amount in g.account.cost:
+            cost.add_metric(lv + [currency], amount)
+        for currency, amount in g.account.credit:
+            credit.add_metric(lv + [currency], amount)
+        co2e.add_metric(lv, g.account.co2e_grams)
+        for signal, joules in g.account.unpriced_joules:
+            unpriced.add_metric(lv + [signal], joules)
+        counts = dict(g.errors)
+        for kind in ERROR_KINDS:
+            errors.add_metric(lv + [kind], counts.get(kind, 0))
+    yield from (info, up, power, limit, energy, mem_used, mem_total, util, cost, credit, co2e, unpriced, errors)
+
+
+def _grid_metrics(snap: Snapshot) -> Iterator[Metric]:
+    pue = GaugeMetricFamily("wattson_pue", "Power usage effectiveness applied to GPU energy for cost and CO2e.")
+    pue.add_metric([], snap.pue)
+    yield pue
+    intensity = GaugeMetricFamily("wattson_grid_carbon_intensity_grams_per_kwh",
+                                  "Grid carbon intensity in force now, gCO2e per kWh. Absent when unknown.",
+                                  labels=["zone"])
+    price = GaugeMetricFamily("wattson_electricity_price_per_kwh", "Electricity price in force now, currency "
+                              "units per kWh, retail adjustments included. Absent when unknown.",
+                              labels=["zone", "currency"])
+    info = GaugeMetricFamily("wattson_grid_signal_info", "The source serving each grid signal now; always 1.",
+                             labels=["signal", "zone", "source", "estimated"])
+    age = GaugeMetricFamily("wattson_grid_signal_age_seconds", "Seconds since the data serving the signal "
+                            "was fetched.", labels=["signal", "zone"])
+    for s in snap.signals:
+        if s.value is None:
+            continue
+        if s.signal == "carbon":
+            intensity.add_metric([s.zone], s.value)
+        else:
+            price.add_metric([s.zone, s.currency or ""], s.value)
+        info.add_metric([s.signal, s.zone, s.source or "", "true" if s.estimated else "false"], 1)
+        if s.age_seconds is not None:
+            age.add_metric([s.signal, s.zone], max(0.0, s.age_seconds))
+    yield from (intensity, price, info, age)
+    up = GaugeMetricFamily("wattson_source_up", "1 if the last fetch from this grid source succeeded.",
+                           labels=["source"])
+    errors = CounterMetricFamily("wattson_source_errors", "Failed or rejected grid source fetches by reason.",
+                                 labels=["source", "reason"])
+    last = GaugeMetricFamily("wattson_source_last_success_timestamp_seconds",
+                             "UNIX time of the last successful fetch from this grid source.", labels=["source"])
+    for src in snap.sources:
+        if src.up is not None:
+            up.add_metric([src.source], 1 if src.up else 0)
+        counts = dict(src.errors)
+        for reason in ERROR_REASONS:
+            errors.add_metric([src.source, reason], counts.get(reason, 0))
+        if src.last_success is not None:
+            last.add_metric([src.source], src.last_success)
+    yield from (up, errors, last)
+
+
+def _budget_metrics(snap: Snapshot) -> Iterator[Metric]:
+    b = snap.budgets
+    if b is None:
+        return
+    cost = GaugeMetricFamily("wattson_budget_cost", "Configured spending budget per period, in currency units.",
+                             labels=["period", "currency"])
+    for period, amount in b.cost:
+        cost.add_metric([period, b.currency], amount)
+    grams = GaugeMetricFamily("wattson_budget_co2e_grams", "Configured CO2e budget per period, in grams.",
+                              labels=["period"])
+    for period, amount in b.co2e_grams:
+        grams.add_metric([period], amount)
+    yield cost
+    yield grams
+    if b.intensity_threshold is not None:
+        th = GaugeMetricFamily("wattson_carbon_intensity_threshold_grams_per_kwh",
+                               "Configured grid carbon intensity alert threshold, gCO2e per kWh.")
+        th.add_metric([], b.intensity_threshold)
+        yield th
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self) -> None:
+        self.snapshot: Snapshot | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.snapshot is not None:
+            yield from snapshot_metrics(self.snapshot)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    seq: int
+    text: bytes
+    gzipped: bytes
+
+
+class Exposition:
+    """Renders the latest snapshot once and serves the cached bytes to every scrape."""
+
+    def __init__(self) -> None:
+        self._collector = _SnapshotCollector()
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(self._collector)
+        self._lock = threading.Lock()
+        self._cached: Rendered | None = None
+
+    def render(self, snap: Snapshot) -> Rendered:
+        cached = self._cached
+        if cached is not None and cached.seq == snap.seq:
+            return cached
+        with self._lock:  # one renderer per snapshot; other scrapers wait for its result
+            cached = self._cached
+            if cached is not None and cached.seq == snap.seq:
+                return cached
+            self._collector.snapshot = snap
+            text = generate_latest(self._registry)
+            cached = Rendered(snap.seq, text, gzip.compress(text, compresslevel=1))
+            self._cached = cached
+            return cached

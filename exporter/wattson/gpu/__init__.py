@@ -1,0 +1,1 @@
+"""GPU backends: where power, energy and memory numbers come from."""

@@ -1,0 +1,160 @@
+"""Simulated GPUs for demos and tests: realistic, deterministic-by-seed load profiles.
+
+Only used when asked for (`--simulate` or `gpu.backend: simulated`), and always labelled
+`backend="simulated"`. Power is piecewise constant on a 10 ms grid, so the simulated energy
+counter is the exact integral of the simulated power, like a real NVML counter.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .base import GpuDevice, GpuIdentity, GpuReading
+
+SLOT_SECONDS = 0.01  # resolution of the simulated power signal
+
+
+@dataclass(frozen=True)
+class GpuModel:
+    name: str
+    idle_watts: float
+    tdp_watts: float
+    memory_bytes: int
+
+
+GiB = 1024**3
+MODELS: dict[str, GpuModel] = {
+    "H100-SXM": GpuModel("NVIDIA H100 80GB HBM3", 70.0, 700.0, 80 * GiB),
+    "H100-PCIE": GpuModel("NVIDIA H100 PCIe", 50.0, 350.0, 80 * GiB),
+    "A100-SXM": GpuModel("NVIDIA A100-SXM4-80GB", 55.0, 400.0, 80 * GiB),
+    "L4": GpuModel("NVIDIA L4", 16.0, 72.0, 24 * GiB),
+    "L40S": GpuModel("NVIDIA L40S", 35.0, 350.0, 48 * GiB),
+    "V100": GpuModel("Tesla V100-SXM2-32GB", 40.0, 300.0, 32 * GiB),
+    "T4": GpuModel("Tesla T4", 10.0, 70.0, 16 * GiB),
+}
+
+
+def _hash01(*parts: int) -> float:
+    """Deterministic pseudo-random number in [0, 1) from integers (splitmix64 finaliser)."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return (x >> 11) / float(1 << 53)
+
+
+def profile_power(profile: str, model: GpuModel, seed: int, gpu: int, slot: int) -> tuple[float, float]:
+    """(watts, utilization ratio) of one GPU during one 10 ms slot."""
+    t = slot * SLOT_SECONDS
+    noise = _hash01(seed, gpu, slot) - 0.5
+    span = model.tdp_watts - model.idle_watts
+    if profile == "training":
+        # Steps of 2 s compute at ~88% TDP and 0.5 s data loading / sync at ~35%, with an eval dip
+        # every 5 minutes; phase shifted per GPU so a fleet does not move in lock-step.
+        phase = (t + 0.37 * gpu) % 2.5
+        if (t + 7 * gpu) % 300.0 < 20.0:
+            level = 0.30
+        else:
+            level = 0.88 if phase < 2.0 else 0.35
+        util = 0.97 if level > 0.8 else 0.40
+        watts = model.idle_watts + span * level + span * 0.04 * noise
+    elif profile == "inference":
+        # Requests arrive in bursts: each 200 ms window is busy with a probability that itself
+        # drifts slowly (diurnal-like), a busy window runs at 55-95% TDP.
+        window = slot // 20
+        busy_p = 0.35 + 0.25 * math.sin(2 * math.pi * t / 600.0 + gpu)
+        if _hash01(seed, gpu, window, 7) < busy_p:
+            level = 0.55 + 0.40 * _hash01(seed, gpu, window, 11)
+            util = 0.6 + 0.4 * level
+        else:
+            level, util = 0.08, 0.05
+        watts = model.idle_watts + span * level + span * 0.02 * noise
+    else:  # idle
+        watts = model.idle_watts * (1.0 + 0.05 * noise)
+        util = 0.0
+    return max(0.0, watts), min(1.0, max(0.0, util))
+
+
+class SimulatedGpu:
+    """One simulated GPU whose counter integrates its own piecewise-constant power exactly."""
+
+    def __init__(self, index: int, model: GpuModel, profile: str, seed: int, energy_counter: bool,
+                 clock: Callable[[], float], monotonic: Callable[[], float]) -> None:
+        self.identity = GpuIdentity(
+            index=index,
+            uuid="GPU-" + str(uuid.UUID(int=int(_hash01(seed, index, 1) * 2**53) << 75 | int(_hash01(seed, index, 3) * 2**53) << 22,
+                                       version=4)),
+            name=model.name,
+            pci_bus_id=f"00000000:{0x18 + index * 0x10 & 0xFF:02X}:00.0",
+            driver_version="simulated",
+        )
+        self.model = model
+        self.profile = profile
+        self.seed = seed
+        self.energy_counter = energy_counter
+        self._clock = clock
+        self._monotonic = monotonic
+        self._origin = monotonic()
+        self._slot = 0
+        # Counters on real GPUs count from driver load, not from zero when we start.
+        self._energy_mj = float(int(_hash01(seed, index, 2) * 5e9))
+        self._lock = threading.Lock()
+        self._memory_fraction = {"training": 0.86, "inference": 0.42, "idle": 0.006}.get(profile, 0.1)
+
+    def _advance(self, now_mono: float) -> tuple[float, float]:
+        target = int((now_mono - self._origin) / SLOT_SECONDS)
+        watts, util = profile_power(self.profile, self.model, self.seed, self.identity.index, self._slot)
+        while self._slot < target:
+            self._energy_mj += watts * SLOT_SECONDS * 1000.0
+            self._slot += 1
+            watts, util = profile_power(self.profile, self.model, self.seed, self.identity.index, self._slot)
+        return watts, util
+
+    def read(self) -> GpuReading:
+        with self._lock:
+            mono = self._monotonic()
+            watts, util = self._advance(mono)
+            mem_total = self.model.memory_bytes
+            mem_used = int(mem_total * self._memory_fraction * (1.0 + 0.02 * (util - 0.5)))
+            return GpuReading(
+                timestamp=self._clock(),
+                monotonic=mono,
+                power_watts=round(watts, 3),
+                energy_millijoules=int(self._energy_mj) if self.energy_counter else None,
+                power_limit_watts=self.model.tdp_watts,
+                memory_used_bytes=mem_used,
+                memory_total_bytes=mem_total,
+                utilization_ratio=round(util, 2),
+            )
+
+
+class SimulatedBackend:
+    name = "simulated"
+    simulated = True
+
+    def __init__(self, count: int, model: str, profiles: list[str], seed: int, energy_counter: bool = True,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._args = (count, MODELS[model], profiles, seed, energy_counter)
+        self._clock = clock
+        self._monotonic = monotonic
+        self._devices: list[GpuDevice] = []
+
+    def start(self) -> list[GpuDevice]:
+        count, model, profiles, seed, energy_counter = self._args
+        self._devices = [
+            SimulatedGpu(i, model, profiles[i % len(profiles)], seed, energy_counter, self._clock, self._monotonic)
+            for i in range(count)
+        ]
+        return list(self._devices)
+
+    def restart(self) -> list[GpuDevice]:
+        return list(self._devices)
+
+    def close(self) -> None:
+        pass

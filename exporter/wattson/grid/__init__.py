@@ -1,0 +1,1 @@
+"""Grid signals: carbon intensity and electricity price sources, fallback chains, lookup by time."""

@@ -1,0 +1,143 @@
+"""HTTP plumbing shared by every web API source: timeouts, status mapping, Retry-After, redaction.
+
+Every error raised from here is a SourceError with a bounded reason and a one-line
+message naming the source and the API endpoint path, never the query string (which
+may hold a token) and never a secret.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from .. import __version__
+from .base import SourceError
+
+USER_AGENT = f"wattson/{__version__} (+https://github.com/wattson-energy/wattson)"
+
+
+def read_secret(source: str, env: str | None, file: str | None, *, required: bool) -> str | None:
+    """Read an API key from an environment variable or a file. Never from the config file itself."""
+    if env:
+        value = os.environ.get(env, "").strip()
+        if value:
+            return value
+    if file:
+        try:
+            value = Path(file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SourceError("auth", f"{source}: cannot read api key file {file}: {exc.strerror}") from None
+        if value:
+            return value
+    if required:
+        where = " or ".join(x for x in (f"environment variable {env}" if env else "",
+                                       f"file {file}" if file else "") if x)
+        raise SourceError("auth", f"{source}: no API key found in {where or 'api_key_env/api_key_file'}")
+    return None
+
+
+def redact(text: str, secrets: tuple[str, ...] | list[str]) -> str:
+    for s in secrets:
+        if s:
+            text = text.replace(s, "<redacted>")
+    return text
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After is either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (now if now is not None else time.time()))
+
+
+class HttpClient:
+    """A requests.Session bound to one source: base URL, timeout, user agent, error mapping."""
+
+    def __init__(self, source: str, base_url: str, timeout: float, secrets: tuple[str, ...] = ()) -> None:
+        self.source = source
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.secrets = secrets
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = USER_AGENT
+
+    def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
+                headers: dict[str, str] | None = None, data: Any = None,
+                auth: tuple[str, str] | None = None, ok_statuses: tuple[int, ...] = (200,)) -> requests.Response:
+        url = path if path.startswith("http") else f"{self.base_url}/{path.lstrip('/')}"
+        where = f"{self.source}: {method} {requests.utils.urlparse(url).path}"
+        try:
+            resp = self.session.request(method, url, params=params, headers=headers, data=data, auth=auth,
+                                        timeout=self.timeout)
+        except requests.Timeout:
+            raise SourceError("timeout", f"{where}: timed out after {self.timeout:g}s") from None
+        except requests.ConnectionError as exc:
+            raise SourceError("connection", f"{where}: connection failed ({type(exc).__name__})") from None
+        except requests.RequestException as exc:
+            raise SourceError("connection", f"{where}: request failed ({type(exc).__name__})") from None
+        if resp.status_code in ok_statuses:
+            return resp
+        snippet = redact(resp.text[:160].replace("\n", " ").strip(), self.secrets)
+        msg = f"{where}: HTTP {resp.status_code}" + (f": {snippet}" if snippet else "")
+        if resp.status_code == 429:
+            raise SourceError("rate_limited", msg,
+                              retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+        if resp.status_code in (401, 403):
+            raise SourceError("auth", msg)
+        if 400 <= resp.status_code < 500:
+            raise SourceError("http_4xx", msg)
+        raise SourceError("http_5xx", msg)
+
+    def get_json(self, path: str, **kwargs: Any) -> Any:
+        resp = self.request("GET", path, **kwargs)
+        return self.decode_json(resp, path)
+
+    def decode_json(self, resp: requests.Response, path: str) -> Any:
+        try:
+            return json.loads(resp.content)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise SourceError("malformed", f"{self.source}: GET {path}: response is not valid JSON ({exc})") from None
+
+    def get_text(self, path: str, **kwargs: Any) -> str:
+        resp = self.request("GET", path, **kwargs)
+        return resp.text
+
+
+def require(obj: Any, key: str, source: str, where: str) -> Any:
+    """obj[key] or a SourceError('missing_field') that names the API path and field."""
+    if not isinstance(obj, dict):
+        raise SourceError("malformed", f"{source}: {where}: expected an object, got {type(obj).__name__}")
+    if key not in obj:
+        raise SourceError("missing_field", f"{source}: {where}: field '{key}' is missing")
+    return obj[key]
+
+
+def parse_iso8601(value: Any, source: str, field_name: str) -> float:
+    """ISO 8601 timestamp (with Z or offset) -> UNIX seconds. Naive timestamps are taken as UTC."""
+    from datetime import datetime, timezone
+
+    if not isinstance(value, str):
+        raise SourceError("malformed", f"{source}: field '{field_name}' is not a timestamp string: {value!r}")
+    text = value.strip()
+    if text.endswith("Z") or text.endswith("z"):
+        text = text[:-1] + "+00:00"
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise SourceError("malformed", f"{source}: field '{field_name}' is not ISO 8601: {value!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()

@@ -1,0 +1,265 @@
+"""Fallback chains, polling and lookup by time for the two grid signals.
+
+One `SignalChain` per signal (carbon, price) owns its sources, polls each on its own schedule
+from one background thread (one fetch per source shared by all GPUs), keeps the last good
+intervals of each, and answers "which value was in force at time t" from an immutable
+`ChainState` that is swapped atomically, so lookups from the sampler take no lock and never
+touch the network.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .base import ERROR_REASONS, FetchResult, GridSource, Interval, Signal, SourceError
+from .http import redact
+
+log = logging.getLogger("wattson.grid")
+
+MAX_BACKOFF_SECONDS = 900.0
+MIN_BACKOFF_SECONDS = 5.0
+# Values outside these are rejected as absurd even if a source let them through.
+VALUE_BOUNDS: dict[str, tuple[float, float]] = {"carbon": (0.0, 5000.0), "price": (-100.0, 100.0)}
+
+
+@dataclass(frozen=True)
+class SourceCache:
+    """The last good data of one source, with its values already in exported units."""
+
+    intervals: tuple[Interval, ...]
+    starts: tuple[float, ...]
+    currency: str | None
+    fetched_at: float
+
+    @classmethod
+    def from_result(cls, result: FetchResult, fetched_at: float,
+                    transform: Callable[[float], float] = lambda v: v) -> SourceCache:
+        # Providers repeat slots (history next to forecast): per start time, measured data beats a
+        # forecast, and a later entry of the same kind beats an earlier one.
+        best: dict[float, Interval] = {}
+        for iv in result.intervals:
+            cur = best.get(iv.start)
+            if cur is None or not (iv.forecast and not cur.forecast):
+                best[iv.start] = iv
+        ivs = tuple(Interval(i.start, i.end, transform(i.value), i.estimated, i.forecast)
+                    for _, i in sorted(best.items()))
+        return cls(ivs, tuple(i.start for i in ivs), result.currency, fetched_at)
+
+    def at(self, t: float) -> Interval | None:
+        idx = bisect.bisect_right(self.starts, t) - 1
+        # Intervals rarely overlap; looking back a few covers a long interval followed by short ones.
+        for j in range(idx, max(-1, idx - 4), -1):
+            if self.intervals[j].contains(t):
+                return self.intervals[j]
+        return None
+
+    def next_start_after(self, t: float) -> float | None:
+        idx = bisect.bisect_right(self.starts, t)
+        return self.starts[idx] if idx < len(self.starts) else None
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    name: str
+    up: bool | None  # None = not tried yet
+    errors: dict[str, int]  # reason -> count
+    last_success: float | None
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class Value:
+    """A signal value that was in force at some time, and where it came from."""
+
+    value: float
+    source: str
+    interval: Interval
+    currency: str | None
+    fetched_at: float
+
+
+@dataclass(frozen=True)
+class ChainState:
+    signal: Signal
+    zone: str
+    max_age: float
+    sources: tuple[str, ...]
+    caches: tuple[SourceCache | None, ...]
+    statuses: tuple[SourceStatus, ...]
+
+    def value_at(self, t: float, now: float) -> Value | None:
+        """The value in force at `t` from the first source of the chain whose data covers `t` and is
+        fresh (fetched within max_age of `now`)."""
+        for name, cache in zip(self.sources, self.caches):
+            if cache is None or now - cache.fetched_at > self.max_age:
+                continue
+            iv = cache.at(t)
+            if iv is not None:
+                return Value(iv.value, name, iv, cache.currency, cache.fetched_at)
+        return None
+
+    def split(self, t0: float, t1: float, now: float) -> list[tuple[float, Value | None]]:
+        """Split [t0, t1) into pieces by the interval (and source) in force, as (fraction, value).
+
+        Fractions add up to exactly 1 so an energy step is never lost or counted twice; a boundary
+        shared by two intervals belongs to the later one (intervals are half-open)."""
+        span = t1 - t0
+        if span <= 0:
+            return [(1.0, self.value_at(t1, now))]
+        pieces: list[tuple[float, Value | None]] = []
+        t = t0
+        while t < t1:
+            v = self.value_at(t, now)
+            # The piece ends where its interval ends or where any source's next interval starts,
+            # whichever is first: a higher-priority source may take over there.
+            ends = [t1] + ([v.interval.end] if v is not None else [])
+            ends += [n for c in self.caches if c is not None for n in [c.next_start_after(t)] if n is not None]
+            end = min(ends)
+            if end <= t:  # defensive: never loop forever on degenerate data
+                end = t1
+            pieces.append(((end - t) / span, v))
+            t = end
+        total = sum(f for f, _ in pieces)
+        if pieces and total != 1.0:
+            f, v = pieces[-1]
+            pieces[-1] = (f + (1.0 - total), v)
+        return pieces
+
+
+class SignalChain:
+    """Polls the sources of one signal and publishes ChainState snapshots."""
+
+    def __init__(self, signal: Signal, zone: str, max_age: float, sources: list[GridSource],
+                 transforms: list[Callable[[float], float]] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.signal = signal
+        self.zone = zone
+        self.max_age = max_age
+        self.sources = sources
+        self.transforms = transforms or [lambda v: v for _ in sources]
+        self.clock = clock
+        self._lock = threading.Lock()  # serialises writers only; readers use self.state
+        self._errors: list[dict[str, int]] = [{} for _ in sources]
+        self._statuses = [SourceStatus(s.name, None, {}, None, None) for s in sources]
+        self._next_poll = [0.0 for _ in sources]
+        self._failures = [0 for _ in sources]
+        self.state = ChainState(signal, zone, max_age, tuple(s.name for s in sources),
+                                tuple(None for _ in sources), tuple(self._statuses))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._rng = random.Random()
+
+    def poll_interval(self, source: GridSource) -> float:
+        # Poll often enough that a working source never looks stale.
+        return min(source.poll_interval_seconds, self.max_age / 2)
+
+    def poll_due(self) -> None:
+        """Fetch every source whose time has come. Called by the thread; tests call it directly."""
+        now = self.clock()
+        for i, source in enumerate(self.sources):
+            if now >= self._next_poll[i]:
+                self._poll(i, source, now)
+
+    def _poll(self, i: int, source: GridSource, now: float) -> None:
+        try:
+            result = source.fetch(now)
+            cache = SourceCache.from_result(result, now, self.transforms[i])
+            self._validate(source, cache)
+        except SourceError as exc:
+            self._record_failure(i, source, exc.reason, str(exc), exc.retry_after, now)
+            return
+        except Exception as exc:  # a bug in one source must not stop the others
+            self._record_failure(i, source, "malformed", f"{source.name}: unexpected {type(exc).__name__}: {exc}",
+                                 None, now)
+            return
+        self._failures[i] = 0
+        delay = result.next_poll_seconds if result.next_poll_seconds is not None else self.poll_interval(source)
+        self._next_poll[i] = now + max(1.0, min(delay, self.poll_interval(source)))
+        status = SourceStatus(source.name, True, dict(self._errors[i]), now, None)
+        self._publish(i, status, cache)
+        log.debug("source fetched", extra={"kv": {"source": source.name, "signal": self.signal,
+                                                  "intervals": len(cache.intervals)}})
+
+    def _validate(self, source: GridSource, cache: SourceCache) -> None:
+        if not cache.intervals:
+            raise SourceError("no_data", f"{source.name}: response held no usable intervals")
+        low, high = VALUE_BOUNDS[self.signal]
+        for iv in cache.intervals:
+            if iv.end <= iv.start:
+                raise SourceError("malformed", f"{source.name}: interval ends before it starts at {iv.start:.0f}")
+            if not low <= iv.value <= high:
+                raise SourceError("invalid_value", f"{source.name}: {self.signal} value {iv.value:g} "
+                                  f"outside [{low:g}, {high:g}] at {iv.start:.0f}")
+        if self.signal == "price" and not cache.currency:
+            raise SourceError("missing_field", f"{source.name}: price source returned no currency")
+
+    def _record_failure(self, i: int, source: GridSource, reason: str, message: str,
+                        retry_after: float | None, now: float) -> None:
+        reason = reason if reason in ERROR_REASONS else "malformed"
+        self._errors[i][reason] = self._errors[i].get(reason, 0) + 1
+        self._failures[i] += 1
+        base = min(MAX_BACKOFF_SECONDS, MIN_BACKOFF_SECONDS * 2 ** (self._failures[i] - 1),
+                   self.poll_interval(source))
+        delay = base * (0.5 + 0.5 * self._rng.random())  # full jitter keeps a fleet from polling in step
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        self._next_poll[i] = now + delay
+        message = redact(message, source.secrets())
+        prev = self.state.statuses[i]
+        status = SourceStatus(source.name, False, dict(self._errors[i]), prev.last_success, message)
+        self._publish(i, status, None)
+        log.warning("source fetch failed", extra={"kv": {"source": source.name, "signal": self.signal,
+                                                         "reason": reason, "err": message,
+                                                         "retry_in_seconds": round(delay, 1)}})
+
+    def _publish(self, i: int, status: SourceStatus, cache: SourceCache | None) -> None:
+        with self._lock:
+            caches = list(self.state.caches)
+            if cache is not None:
+                caches[i] = cache
+            statuses = list(self.state.statuses)
+            statuses[i] = status
+            self.state = ChainState(self.signal, self.zone, self.max_age, self.state.sources,
+                                    tuple(caches), tuple(statuses))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll_due()
+            wait = max(0.2, min(self._next_poll) - self.clock())
+            self._stop.wait(min(wait, 5.0))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"grid-{self.signal}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+@dataclass
+class GridSignals:
+    """The configured chains (either may be absent) plus the PUE."""
+
+    pue: float = 1.0
+    carbon: SignalChain | None = None
+    price: SignalChain | None = None
+    chains: list[SignalChain] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.chains = [c for c in (self.carbon, self.price) if c is not None]
+
+    def start(self) -> None:
+        for c in self.chains:
+            c.start()
+
+    def stop(self) -> None:
+        for c in self.chains:
+            c.stop()
