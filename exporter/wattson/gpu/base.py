@@ -48,6 +48,16 @@ class GpuIdentity:
 
 
 @dataclass(frozen=True)
+class GpuProcess:
+    """A compute process on a GPU, for per-workload attribution (only read when workloads are enabled)."""
+
+    pid: int
+    used_memory_bytes: int | None = None
+    sm_utilization: float | None = None  # 0..1 over the last sample period, where NVML gives it
+    gpu_instance_id: int | None = None  # MIG GPU instance, None without MIG
+
+
+@dataclass(frozen=True)
 class GpuReading:
     """One read of one GPU. Optional fields are None when the device does not report them."""
 
@@ -59,6 +69,8 @@ class GpuReading:
     memory_used_bytes: int | None
     memory_total_bytes: int | None
     utilization_ratio: float | None
+    # Running compute processes; None when not collected (workloads disabled) or not supported.
+    processes: tuple[GpuProcess, ...] | None = None
 
 
 class GpuDevice(Protocol):

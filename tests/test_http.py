@@ -1,0 +1,93 @@
+"""The HTTP endpoint scraped for real over a socket, and its exposition checked by promtool."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from tests.daemon import get, run_wattson
+
+pytestmark = pytest.mark.integration
+
+SIM_CONFIG = """
+gpu:
+  backend: simulated
+  simulated: {count: 3, profiles: [training, inference, idle], seed: 7}
+sampler: {interval_seconds: 0.2}
+grid:
+  carbon: {zone: DE, sources: [{type: static, grams_per_kwh: 380}]}
+  price: {zone: DE, sources: [{type: static, price_per_kwh: 0.25, currency: EUR}]}
+budgets: {cost_per_month: 100, co2e_grams_per_month: 50000, carbon_intensity_threshold_grams_per_kwh: 300}
+"""
+
+REQUIRED = [
+    "wattson_gpu_info", "wattson_gpu_up", "wattson_gpu_power_watts", "wattson_gpu_power_limit_watts",
+    "wattson_gpu_energy_joules_total", "wattson_gpu_memory_used_bytes", "wattson_gpu_memory_total_bytes",
+    "wattson_gpu_utilization_ratio", "wattson_build_info", "wattson_sampler_duration_seconds",
+    "wattson_sampler_errors_total", "wattson_last_sample_timestamp_seconds", "wattson_gpu_cost_total",
+    "wattson_gpu_co2e_grams_total", "wattson_grid_carbon_intensity_grams_per_kwh",
+    "wattson_electricity_price_per_kwh", "wattson_grid_signal_info", "wattson_grid_signal_age_seconds",
+    "wattson_source_up", "wattson_source_errors_total", "wattson_source_last_success_timestamp_seconds",
+    "wattson_pue", "wattson_budget_cost", "wattson_budget_co2e_grams",
+    "wattson_carbon_intensity_threshold_grams_per_kwh",
+]
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def test_scrape_over_a_socket_passes_promtool(tmp_path):
+    with run_wattson(tmp_path, SIM_CONFIG) as d:
+        time.sleep(1.0)
+        first = d.metrics()
+        time.sleep(1.0)
+        second = d.metrics()
+        for name in REQUIRED:
+            assert re.search(rf"^{name}[{{ ]", second, re.M), f"{name} missing"
+        # every per-GPU series carries gpu and uuid; the simulation is labelled as such
+        assert 'backend="simulated"' in second
+        for line in second.splitlines():
+            if line.startswith("wattson_gpu_"):
+                assert 'gpu="' in line and 'uuid="' in line, line
+        # counters rise, and the cost is energy x price
+        e1 = value(first, "wattson_gpu_energy_joules_total", gpu="0")
+        e2 = value(second, "wattson_gpu_energy_joules_total", gpu="0")
+        assert e2 > e1 > 0
+        cost = value(second, "wattson_gpu_cost_total", gpu="0", currency="EUR")
+        assert cost == pytest.approx(e2 / 3.6e6 * 0.25, rel=1e-9)
+        grams = value(second, "wattson_gpu_co2e_grams_total", gpu="0")
+        assert grams == pytest.approx(e2 / 3.6e6 * 380, rel=1e-9)
+        # no timestamps on samples: every sample line is `name{labels} value`
+        for line in second.splitlines():
+            if line and not line.startswith("#"):
+                rest = line.rsplit("}", 1)[1] if "}" in line else line.split(" ", 1)[1]
+                assert len(rest.split()) == 1, line
+        promtool = shutil.which("promtool")
+        if promtool is None:
+            pytest.fail("promtool not installed: .ci/run installs Debian's prometheus package")
+        check = subprocess.run([promtool, "check", "metrics"], input=second, capture_output=True, text=True)
+        assert check.returncode == 0 and check.stdout.strip() == "" and check.stderr.strip() == "", \
+            check.stdout + check.stderr
+
+
+def test_endpoints_and_gzip(tmp_path):
+    with run_wattson(tmp_path, SIM_CONFIG) as d:
+        status, headers, body = get(d.base + "/")
+        assert status == 200 and b"Simulated GPUs" in body and b"/metrics" in body
+        assert get(d.base + "/healthz")[0] == 200
+        assert get(d.base + "/readyz")[0] == 200
+        assert get(d.base + "/nope")[0] == 404
+        status, headers, body = get(d.base + "/metrics", **{"Accept-Encoding": "gzip"})
+        assert headers.get("Content-Encoding") == "gzip"
+        assert b"wattson_gpu_power_watts" in gzip.decompress(body)
+        assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
