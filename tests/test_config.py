@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
     ("sampler:\n  interval_seconds: 0.01\n", "sampler.interval_seconds: Input should be greater than or equal to 0.1"),
     ("gpu:\n  backend: amd\n", "gpu.backend: Input should be 'nvml' or 'simulated'"),  # enum
     ("grid:\n  pue: 0.5\n", "grid.pue: Input should be greater than or equal to 1"),
-    ("grid:\n  price:\n    sources:\n      - type: static\n        price_per_kwh: 0.3\n", "grid.price.sources[0].currency: required key is missing"),
+    ("grid:\n  price:\n    sources:\n      - type: static\n        price_per_kwh: 0.3\n",
+     "grid.price.sources[0].currency: required key is missing"),
     ("grid:\n  price:\n    sources:\n      - type: nordpool\n", "grid.price.sources[0]"),  # unknown source type
     ("grid:\n  carbon:\n    sources: []\n", "grid.carbon.sources: List should have at least 1 item"),
     ("gpu:\n  simulated:\n    model: Z9000\n", "gpu.simulated.model: Value error, unknown model 'Z9000'"),

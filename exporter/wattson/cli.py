@@ -21,6 +21,7 @@ from .grid.registry import build_source
 from .grid.signal import GridSignals, SignalChain
 from .sampler import Sampler
 from .snapshot import Budgets
+from .webconfig import WebConfigError, WebSecurity, load_web_config
 
 log = logging.getLogger("wattson")
 
@@ -116,11 +117,9 @@ def build_budgets(cfg: Config) -> Budgets:
     )
 
 
-def load_security(path: str | None) -> object | None:
+def load_security(path: str | None) -> WebSecurity | None:
     if path is None:
         return None
-    from .webconfig import WebConfigError, load_web_config
-
     try:
         return load_web_config(path)
     except WebConfigError as exc:
@@ -159,7 +158,10 @@ class App:
         log.info("wattson started", extra={"kv": {"version": __version__, "listen": self.cfg.web.listen_address,
                                                   "backend": self.backend.name,
                                                   "gpus": len(self.sampler.workers),
-                                                  "tls": getattr(self.server.security, "ssl_context", None) is not None}})
+                                                  "tls": self.tls_enabled()}})
+
+    def tls_enabled(self) -> bool:
+        return getattr(self.server.security, "ssl_context", None) is not None
 
     def workloads_enabled(self) -> bool:
         return self.cfg.workloads.enabled

@@ -6,11 +6,12 @@ names the file, the key path and what was expected.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .grid.registry import CARBON_SOURCES, PRICE_SOURCES
 from .model import StrictModel
@@ -54,16 +55,60 @@ class SamplerConfig(StrictModel):
 
 
 SimProfile = Literal["idle", "training", "inference"]
+DEFAULT_PROFILES: tuple[SimProfile, ...] = ("training", "inference", "idle")
+
+
+class SimJobConfig(StrictModel):
+    """A simulated workload: one process per listed GPU, with a Linux-like /proc entry of its kind."""
+
+    kind: Literal["slurm_job", "container", "pod", "process"]
+    id: str = Field(default="", description="Slurm job id (digits), container id (12-64 hex) or pod UID; "
+                    "unused for kind=process.")
+    gpus: list[int] = Field(min_length=1, description="GPU indexes the job runs on, one process each.")
+    user: str = Field(default="sim", min_length=1, description="Owner's user name.")
+    uid: int = Field(default=1000, ge=0)
+    load: float = Field(default=1.0, gt=0, description="Relative share of each GPU's SM activity.")
+    memory_gib: float | None = Field(default=None, ge=0, description="GPU memory per process; default: "
+                                     "the GPU's used memory split by load.")
+    start_seconds: float = Field(default=0.0, ge=0, description="Start, seconds after wattson started.")
+    end_seconds: float | None = Field(default=None, gt=0, description="End; null runs forever.")
+    pid: int | None = Field(default=None, ge=1, le=4_194_304, description="PID of the first process; "
+                            "default derived from the job's position. Reuse a PID to simulate PID reuse.")
+    pod_name: str | None = None
+    namespace: str | None = None
+    mig_instance: int | None = Field(default=None, ge=0, description="MIG GPU instance id of its processes.")
+
+    @model_validator(mode="after")
+    def _check_id(self) -> SimJobConfig:
+        patterns = {"slurm_job": r"\d+", "container": r"[0-9a-f]{12,64}",
+                    "pod": r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"}
+        pattern = patterns.get(self.kind)
+        if pattern is not None and not re.fullmatch(pattern, self.id):
+            raise ValueError(f"id {self.id!r} is not a valid {self.kind} id (expected {pattern})")
+        if self.end_seconds is not None and self.end_seconds <= self.start_seconds:
+            raise ValueError("end_seconds must be after start_seconds")
+        return self
 
 
 class SimulatedConfig(StrictModel):
     count: int = Field(default=4, ge=1, le=1024)
     model: str = Field(default="H100-SXM", description="One of the models in wattson.gpu.simulated.MODELS.")
     profiles: list[SimProfile] = Field(
-        default_factory=lambda: ["training", "inference", "idle"],
+        default_factory=lambda: list(DEFAULT_PROFILES),
         min_length=1, description="Load profile per GPU, repeated cyclically over the GPUs.")
     seed: int = 42
     energy_counter: bool = Field(default=True, description="False simulates a pre-Volta GPU (integrated).")
+    jobs: list[SimJobConfig] | None = Field(
+        default=None, description="Simulated workloads for per-workload accounting; null reports no process "
+        "list (as before), [] reports idle GPUs. A GPU with jobs configured idles while none runs on it.")
+
+    @model_validator(mode="after")
+    def _jobs_on_existing_gpus(self) -> SimulatedConfig:
+        for i, job in enumerate(self.jobs or ()):
+            for gpu in job.gpus:
+                if not 0 <= gpu < self.count:
+                    raise ValueError(f"jobs[{i}].gpus: GPU {gpu} does not exist (count is {self.count})")
+        return self
 
     @field_validator("model")
     @classmethod
@@ -117,11 +162,29 @@ class BudgetsConfig(StrictModel):
     carbon_intensity_threshold_grams_per_kwh: float | None = Field(default=None, ge=0)
 
 
+def _default_pod_metadata_files() -> list[str]:
+    from .workloads.cgroup import DEFAULT_POD_METADATA_FILES
+
+    return list(DEFAULT_POD_METADATA_FILES)
+
+
 class WorkloadsConfig(StrictModel):
     enabled: bool = False
     proc_root: str = "/proc"
     retention_seconds: float = Field(default=900.0, ge=0)
     max_series: int = Field(default=500, ge=1)
+    bare_processes: Literal["user", "process"] = Field(
+        default="user", description="Charge processes outside any container, pod or Slurm job to their "
+        "Unix user, or to each process (workload = pid).")
+    resolve_user_names: bool = Field(
+        default=True, description="Export user names; false exports numeric uids (e.g. when wattson's "
+        "container has another /etc/passwd than the host and none is mounted).")
+    passwd_file: str | None = Field(
+        default=None, description="Resolve uids from this passwd file (e.g. the host's, mounted read-only) "
+        "instead of wattson's own user database.")
+    pod_metadata_files: list[str] = Field(
+        default_factory=_default_pod_metadata_files, description="Container runtime config files holding "
+        "pod name and namespace annotations; {id} is the 64-hex container id. Empty disables the lookup.")
 
 
 class Config(StrictModel):

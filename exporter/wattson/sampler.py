@@ -195,6 +195,10 @@ class Sampler:
             self._backend_down = True
             return
         by_uuid = {w.identity.uuid: w for w in self.workers}
+        for w in self.workers:
+            # A GPU not found again keeps its stale device, which reports gpu_lost; asking for yet another
+            # re-initialisation every round would not bring it back.
+            w.reinit_requested = False
         for device in devices:
             worker = by_uuid.get(device.identity.uuid)
             if worker is not None:
@@ -269,7 +273,8 @@ class Sampler:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            # A round waits at most gpu_timeout_seconds for a hung GPU; shutdown does not wait that long.
+            self._thread.join(timeout=1.0)
         for w in self.workers:
             w.stop()
 

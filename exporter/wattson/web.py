@@ -18,6 +18,7 @@ from typing import Any
 from . import __version__
 from .exposition import Exposition
 from .snapshot import Snapshot
+from .webconfig import WebSecurity
 
 log = logging.getLogger("wattson.web")
 
@@ -26,28 +27,16 @@ CLIENT_TIMEOUT_SECONDS = 10.0
 MAX_CONCURRENT_CONNECTIONS = 256
 
 
-class Security:
-    """What the server needs from the web config: an optional TLS context, auth and extra headers."""
-
-    ssl_context: ssl.SSLContext | None = None
-    headers: dict[str, str] = {}
-
-    def auth_required(self) -> bool:
-        return False
-
-    def check_basic_auth(self, authorization_header: str | None) -> bool:
-        return True
-
-
 class WattsonHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], snapshot: Callable[[], Snapshot], security: Any = None,
+    def __init__(self, address: tuple[str, int], snapshot: Callable[[], Snapshot],
+                 security: WebSecurity | None = None,
                  healthy: Callable[[], bool] = lambda: True) -> None:
         self.snapshot = snapshot
         self.exposition = Exposition()
-        self.security = security or Security()
+        self.security = security or WebSecurity()
         self.healthy = healthy
         self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_CONNECTIONS)
         host = address[0]

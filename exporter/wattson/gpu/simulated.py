@@ -3,18 +3,25 @@
 Only used when asked for (`--simulate` or `gpu.backend: simulated`), and always labelled
 `backend="simulated"`. Power is piecewise constant on a 10 ms grid, so the simulated energy
 counter is the exact integral of the simulated power, like a real NVML counter.
+
+Optionally, simulated jobs (Slurm jobs, containers, pods, bare processes) run on the GPUs: their
+processes are reported like NVML's compute process list, and `SimulatedBackend.procfs` serves them
+a /proc view in Linux's file formats, so per-workload accounting runs its real parsers on them.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import math
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from .base import GpuDevice, GpuIdentity, GpuReading
+from .base import GpuDevice, GpuIdentity, GpuProcess, GpuReading
 
 SLOT_SECONDS = 0.01  # resolution of the simulated power signal
 
@@ -81,15 +88,117 @@ def profile_power(profile: str, model: GpuModel, seed: int, gpu: int, slot: int)
     return max(0.0, watts), min(1.0, max(0.0, util))
 
 
+@dataclass(frozen=True)
+class SimJob:
+    """A simulated workload with one process per GPU it runs on; times are seconds after start."""
+
+    kind: str  # slurm_job | container | pod | process
+    id: str
+    gpus: tuple[int, ...]
+    user: str
+    uid: int
+    load: float
+    memory_bytes: int | None
+    start_seconds: float
+    end_seconds: float | None
+    first_pid: int
+    start_ticks: int  # /proc/<pid>/stat field 22; distinct per job so PID reuse is visible
+    pod_name: str | None = None
+    namespace: str | None = None
+    mig_instance: int | None = None
+
+    def active(self, t: float) -> bool:
+        return self.start_seconds <= t and (self.end_seconds is None or t < self.end_seconds)
+
+    def pid_on(self, gpu: int) -> int:
+        return self.first_pid + self.gpus.index(gpu)
+
+    @property
+    def container_id(self) -> str:
+        """The full 64-hex id of the job's container (containers and pods), derived from its id."""
+        if self.kind == "container":
+            return self.id + hashlib.sha256(self.id.encode()).hexdigest()[:64 - len(self.id)]
+        if self.kind == "pod":
+            return hashlib.sha256(("pod/" + self.id).encode()).hexdigest()
+        return ""
+
+    def cgroup(self, rank: int) -> str:
+        """The cgroup v2 file a real process of this kind has (systemd cgroup driver)."""
+        if self.kind == "slurm_job":
+            return f"0::/system.slice/slurmstepd.scope/job_{self.id}/step_0/user/task_{rank}\n"
+        if self.kind == "container":
+            return f"0::/system.slice/docker-{self.container_id}.scope\n"
+        if self.kind == "pod":
+            return ("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
+                    f"{self.id.replace('-', '_')}.slice/cri-containerd-{self.container_id}.scope\n")
+        return f"0::/user.slice/user-{self.uid}.slice/session-{self.start_ticks % 1000}.scope\n"
+
+
+def build_jobs(jobs: Sequence[Any]) -> tuple[SimJob, ...]:
+    """SimJob from config objects (gpu.simulated.jobs entries)."""
+    out = []
+    for i, j in enumerate(jobs):
+        out.append(SimJob(
+            kind=j.kind, id=j.id, gpus=tuple(j.gpus), user=j.user, uid=j.uid, load=j.load,
+            memory_bytes=None if j.memory_gib is None else int(j.memory_gib * GiB),
+            start_seconds=j.start_seconds, end_seconds=j.end_seconds,
+            first_pid=j.pid if j.pid is not None else 20000 + 100 * i,
+            start_ticks=1_000_000 + int(j.start_seconds * 100) * 64 + i,
+            pod_name=j.pod_name, namespace=j.namespace, mig_instance=j.mig_instance,
+        ))
+    return tuple(out)
+
+
+class SimulatedProcFS:
+    """/proc/<pid>/{cgroup,status,stat} of the simulated jobs' live processes, in Linux's formats.
+
+    `users` (uid -> name) and `pods` (container id -> (pod name, namespace)) stand in for the host's
+    passwd database and container runtime metadata.
+    """
+
+    def __init__(self, jobs: tuple[SimJob, ...], origin: float, monotonic: Callable[[], float]) -> None:
+        self.jobs = jobs
+        self._origin = origin
+        self._monotonic = monotonic
+        self.users = {j.uid: j.user for j in jobs}
+        self.pods = {j.container_id: (j.pod_name, j.namespace) for j in jobs
+                     if j.kind == "pod" and j.pod_name and j.namespace}
+
+    def read_text(self, pid: int, name: str) -> str:
+        t = self._monotonic() - self._origin
+        for job in self.jobs:
+            if not job.active(t):
+                continue
+            for rank, _gpu in enumerate(job.gpus):
+                if job.first_pid + rank == pid:
+                    return self._file(job, rank, pid, name)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", f"/proc/{pid}/{name}")
+
+    @staticmethod
+    def _file(job: SimJob, rank: int, pid: int, name: str) -> str:
+        if name == "cgroup":
+            return job.cgroup(rank)
+        if name == "status":
+            ids = "\t".join([str(job.uid)] * 4)
+            return (f"Name:\tpython3\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t{pid}\nPid:\t{pid}\n"
+                    f"PPid:\t1\nUid:\t{ids}\nGid:\t{ids}\n")
+        if name == "stat":
+            # fields 3..21, then 22 (starttime), then a few more
+            fields = ["S", "1", str(pid), str(pid), "0", "-1", "4194560"] + ["0"] * 8 + ["20", "0", "1", "0"]
+            return f"{pid} (python3) " + " ".join(fields + [str(job.start_ticks), "1000000", "2000"]) + "\n"
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", f"/proc/{pid}/{name}")
+
+
 class SimulatedGpu:
     """One simulated GPU whose counter integrates its own piecewise-constant power exactly."""
 
     def __init__(self, index: int, model: GpuModel, profile: str, seed: int, energy_counter: bool,
-                 clock: Callable[[], float], monotonic: Callable[[], float]) -> None:
+                 clock: Callable[[], float], monotonic: Callable[[], float],
+                 jobs: tuple[SimJob, ...] | None = None, origin: float | None = None) -> None:
         self.identity = GpuIdentity(
             index=index,
-            uuid="GPU-" + str(uuid.UUID(int=int(_hash01(seed, index, 1) * 2**53) << 75 | int(_hash01(seed, index, 3) * 2**53) << 22,
-                                       version=4)),
+            uuid="GPU-" + str(uuid.UUID(int=int(_hash01(seed, index, 1) * 2**53) << 75
+                                       | int(_hash01(seed, index, 3) * 2**53) << 22, version=4)),
             name=model.name,
             pci_bus_id=f"00000000:{0x18 + index * 0x10 & 0xFF:02X}:00.0",
             driver_version="simulated",
@@ -100,21 +209,47 @@ class SimulatedGpu:
         self.energy_counter = energy_counter
         self._clock = clock
         self._monotonic = monotonic
-        self._origin = monotonic()
+        self._origin = monotonic() if origin is None else origin
         self._slot = 0
+        # With jobs configured, the GPU runs its profile while a job is on it and idles otherwise.
+        self.jobs = None if jobs is None else tuple(j for j in jobs if index in j.gpus)
         # Counters on real GPUs count from driver load, not from zero when we start.
         self._energy_mj = float(int(_hash01(seed, index, 2) * 5e9))
         self._lock = threading.Lock()
         self._memory_fraction = {"training": 0.86, "inference": 0.42, "idle": 0.006}.get(profile, 0.1)
 
+    def _profile_at(self, slot: int) -> str:
+        if self.jobs is None:
+            return self.profile
+        t = slot * SLOT_SECONDS
+        return self.profile if any(j.active(t) for j in self.jobs) else "idle"
+
+    def _power(self, slot: int) -> tuple[float, float]:
+        return profile_power(self._profile_at(slot), self.model, self.seed, self.identity.index, slot)
+
     def _advance(self, now_mono: float) -> tuple[float, float]:
         target = int((now_mono - self._origin) / SLOT_SECONDS)
-        watts, util = profile_power(self.profile, self.model, self.seed, self.identity.index, self._slot)
+        watts, util = self._power(self._slot)
         while self._slot < target:
             self._energy_mj += watts * SLOT_SECONDS * 1000.0
             self._slot += 1
-            watts, util = profile_power(self.profile, self.model, self.seed, self.identity.index, self._slot)
+            watts, util = self._power(self._slot)
         return watts, util
+
+    def _processes(self, t: float, util: float, mem_used: int) -> tuple[GpuProcess, ...] | None:
+        """NVML-like compute processes: SM utilization in whole percent split by load (None under
+        MIG, like NVML), memory as configured or the used memory split by load."""
+        if self.jobs is None:
+            return None
+        active = [j for j in self.jobs if j.active(t)]
+        total_load = sum(j.load for j in active)
+        procs = []
+        for j in active:
+            share = j.load / total_load
+            sm = None if j.mig_instance is not None else round(util * share * 100) / 100
+            memory = j.memory_bytes if j.memory_bytes is not None else int(mem_used * share)
+            procs.append(GpuProcess(j.pid_on(self.identity.index), memory, sm, j.mig_instance))
+        return tuple(sorted(procs, key=lambda p: p.pid))
 
     def read(self) -> GpuReading:
         with self._lock:
@@ -131,6 +266,7 @@ class SimulatedGpu:
                 memory_used_bytes=mem_used,
                 memory_total_bytes=mem_total,
                 utilization_ratio=round(util, 2),
+                processes=self._processes(mono - self._origin, util, mem_used),
             )
 
 
@@ -139,18 +275,26 @@ class SimulatedBackend:
     simulated = True
 
     def __init__(self, count: int, model: str, profiles: list[str], seed: int, energy_counter: bool = True,
-                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 jobs: Sequence[Any] | None = None) -> None:
         self._args = (count, MODELS[model], profiles, seed, energy_counter)
         self._clock = clock
         self._monotonic = monotonic
         self._devices: list[GpuDevice] = []
+        self.jobs = None if jobs is None else build_jobs(jobs)
+        # The /proc view of the jobs' processes; None without jobs (then processes are not reported).
+        self.procfs: SimulatedProcFS | None = None
 
     def start(self) -> list[GpuDevice]:
         count, model, profiles, seed, energy_counter = self._args
+        origin = self._monotonic()
         self._devices = [
-            SimulatedGpu(i, model, profiles[i % len(profiles)], seed, energy_counter, self._clock, self._monotonic)
+            SimulatedGpu(i, model, profiles[i % len(profiles)], seed, energy_counter, self._clock, self._monotonic,
+                         self.jobs, origin)
             for i in range(count)
         ]
+        if self.jobs is not None:
+            self.procfs = SimulatedProcFS(self.jobs, origin, self._monotonic)
         return list(self._devices)
 
     def restart(self) -> list[GpuDevice]:

@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -78,7 +79,7 @@ class HttpClient:
                 headers: dict[str, str] | None = None, data: Any = None,
                 auth: tuple[str, str] | None = None, ok_statuses: tuple[int, ...] = (200,)) -> requests.Response:
         url = path if path.startswith("http") else f"{self.base_url}/{path.lstrip('/')}"
-        where = f"{self.source}: {method} {requests.utils.urlparse(url).path}"
+        where = f"{self.source}: {method} {urlsplit(url).path}"
         try:
             resp = self.session.request(method, url, params=params, headers=headers, data=data, auth=auth,
                                         timeout=self.timeout)

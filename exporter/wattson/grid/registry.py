@@ -9,19 +9,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import static
+from . import (
+    awattar,
+    bundled,
+    electricitymaps,
+    entsoe,
+    octopus,
+    static,
+    tou,
+    ukcarbonintensity,
+    watttime,
+)
 from .base import GridSource
 
 Factory = Callable[[Any, str], GridSource]
 
 CARBON_SOURCES: dict[str, tuple[type, Factory]] = {
     "static": (static.StaticCarbonConfig, static.build_carbon),
-    # carbon sources: add one line each below
+    "bundled": (bundled.Config, bundled.build),
+    "electricitymaps": (electricitymaps.Config, electricitymaps.build),
+    "watttime": (watttime.Config, watttime.build),
+    "ukcarbonintensity": (ukcarbonintensity.Config, ukcarbonintensity.build),
 }
 
 PRICE_SOURCES: dict[str, tuple[type, Factory]] = {
     "static": (static.StaticPriceConfig, static.build_price),
-    # price sources: add one line each below
+    "tou": (tou.Config, tou.build),
+    "entsoe": (entsoe.Config, entsoe.build),
+    "octopus": (octopus.Config, octopus.build),
+    "awattar": (awattar.Config, awattar.build),
 }
 
 

@@ -96,7 +96,7 @@ class ChainState:
     def value_at(self, t: float, now: float) -> Value | None:
         """The value in force at `t` from the first source of the chain whose data covers `t` and is
         fresh (fetched within max_age of `now`)."""
-        for name, cache in zip(self.sources, self.caches):
+        for name, cache in zip(self.sources, self.caches, strict=True):
             if cache is None or now - cache.fetched_at > self.max_age:
                 continue
             iv = cache.at(t)
@@ -241,7 +241,8 @@ class SignalChain:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            # A fetch in flight may take up to its timeout; the thread is a daemon, so don't wait for it.
+            self._thread.join(timeout=0.5)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, field_validator, model_validator
 
 from ..model import PriceAdjustments, SourceConfigBase, StrictModel
-from .base import FetchResult, Interval
+from .base import FetchResult, Interval, Signal
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 DAY_GROUPS = {"weekdays": DAY_NAMES[:5], "weekend": DAY_NAMES[5:], "all": DAY_NAMES}
@@ -70,7 +70,8 @@ class Band(StrictModel):
     @classmethod
     def _check_price(cls, v: float) -> float:
         if not math.isfinite(v) or abs(v) > MAX_ABS_PRICE_PER_KWH:
-            raise ValueError(f"price_per_kwh {v} is not a plausible price (|price| <= {MAX_ABS_PRICE_PER_KWH:g})")
+            raise ValueError(f"price_per_kwh {v} is not a plausible price "
+                             f"(|price| <= {MAX_ABS_PRICE_PER_KWH:g})")
         return v
 
     @model_validator(mode="after")
@@ -234,7 +235,7 @@ class TouSource:
     """Prices from a weekly local-time schedule; no network, so polling is cheap."""
 
     name = "tou"
-    signal = "price"
+    signal: Signal = "price"
 
     def __init__(self, cfg: Config, zone: str) -> None:
         self.zone = zone
@@ -263,7 +264,7 @@ class TouSource:
 
         out: list[Interval] = []
         prev_key: tuple[int, date] | None = None
-        for a, b in zip(points, points[1:]):
+        for a, b in zip(points, points[1:], strict=False):
             wall = datetime.fromtimestamp((a + b) / 2, self.tz).replace(tzinfo=None)
             slot = self.week.at(wall)
             if slot is None:

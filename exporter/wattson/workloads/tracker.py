@@ -1,0 +1,292 @@
+"""Per-workload energy, cost and CO2e: a sampler listener plus a metric-family producer.
+
+Every accounted step of every GPU is split between the workloads whose processes ran on it
+(attribution.py) and added to monotonic per-(GPU, workload) totals. Nothing is dropped: a GPU with
+no compute process charges `kind="idle"`, one whose processes cannot be listed or identified
+charges `kind="unattributed"`, and workloads beyond the series cap charge `kind="overflow"`. So the
+workload series of a GPU always add up to the GPU's own energy, cost and CO2e.
+
+Threads: `on_step` runs in the GPU worker threads (concurrently); `families` runs in the sampler
+thread and returns freshly built, never again mutated metric families for the immutable snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from threading import Lock
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from ..accounting import StepCharge
+from ..config import WorkloadsConfig
+from ..energy import EnergyStep
+from ..gpu.base import GpuReading
+from .attribution import METHOD_IDLE, METHOD_UNATTRIBUTED, ExactSum, process_weights, split_exact
+from .cgroup import (
+    DEFAULT_POD_METADATA_FILES,
+    PodMetadata,
+    ProcFS,
+    ProcReader,
+    UserNames,
+    Workload,
+    WorkloadResolver,
+)
+
+log = logging.getLogger("wattson.workloads")
+
+KIND_IDLE = "idle"
+KIND_UNATTRIBUTED = "unattributed"
+KIND_OVERFLOW = "overflow"
+# Per-GPU buckets: bounded in number, never expire, not counted against max_series.
+SPECIAL_KINDS = (KIND_IDLE, KIND_UNATTRIBUTED, KIND_OVERFLOW)
+
+IDLE = Workload(KIND_IDLE, "idle")
+NO_PROCESS_LIST = Workload(KIND_UNATTRIBUTED, "no_process_list")  # NVML gave no process list
+UNKNOWN_PROCESS = Workload(KIND_UNATTRIBUTED, "unknown_process")  # a PID not found (or readable) in /proc
+ATTRIBUTION_ERROR = Workload(KIND_UNATTRIBUTED, "error")  # a bug in attribution: the step is kept anyway
+OVERFLOW = Workload(KIND_OVERFLOW, "overflow")
+
+LABELS = ["kind", "workload", "gpu", "uuid"]
+GPU_LABELS = ["gpu", "uuid"]
+
+SeriesKey = tuple[int, str, str, str]  # gpu index, uuid, kind, workload id
+
+
+@dataclass
+class _Totals:
+    """Exact monotonic totals of one (GPU, workload) series."""
+
+    energy_joules: ExactSum = field(default_factory=ExactSum)
+    cost: dict[str, ExactSum] = field(default_factory=dict)  # currency -> positive amounts
+    credit: dict[str, ExactSum] = field(default_factory=dict)  # currency -> |negative amounts|
+    co2e_grams: ExactSum = field(default_factory=ExactSum)
+    last_seen: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepShare:
+    """One workload's part of one step (tests and debugging use these)."""
+
+    workload: Workload
+    energy_joules: float
+    cost: tuple[tuple[str, float], ...]  # currency -> signed amount
+    co2e_grams: float
+
+
+class WorkloadTracker:
+    def __init__(self, resolver: WorkloadResolver, retention_seconds: float, max_series: int,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.resolver = resolver
+        self.retention_seconds = retention_seconds
+        self.max_series = max_series
+        self.clock = clock
+        self._lock = Lock()
+        self._series: dict[SeriesKey, _Totals] = {}
+        self._workload_series = 0  # series not of a SPECIAL_KIND, the ones max_series limits
+        self._info: dict[tuple[str, str], Workload] = {}
+        self._methods: dict[tuple[int, str], str] = {}
+        self._overflowed: dict[tuple[int, str], int] = {}
+        self._last_render: float | None = None
+        self._last_prune = 0.0
+
+    def add_gpu(self, index: int, uuid: str) -> None:
+        """Make a GPU's overflow counter visible (at 0) before its first step."""
+        with self._lock:
+            self._overflowed.setdefault((index, uuid), 0)
+
+    # -- GPU worker threads ------------------------------------------------------------------------
+
+    def on_step(self, gpu_index: int, uuid: str, step: EnergyStep, charge: StepCharge,
+                reading: GpuReading) -> None:
+        """The sampler's StepListener. Never raises: a failure charges the step to unattributed."""
+        try:
+            method, shares = self.split(step, charge, reading)
+        except Exception:
+            log.exception("workload attribution failed; step charged to unattributed",
+                          extra={"kv": {"gpu": gpu_index, "uuid": uuid}})
+            method, shares = METHOD_UNATTRIBUTED, [StepShare(ATTRIBUTION_ERROR, step.joules, charge.cost,
+                                                             charge.co2e_grams)]
+        self._record(gpu_index, uuid, method, shares, self.clock())
+
+    def split(self, step: EnergyStep, charge: StepCharge, reading: GpuReading) -> tuple[str, list[StepShare]]:
+        """The attribution method and every workload's exact part of the step. Shares add up exactly
+        to step.joules (GPU energy, no PUE, as wattson_gpu_energy_joules_total), to each currency's
+        amount and to the grams of `charge` (facility energy x price / intensity)."""
+        method, weighted = self._weights(reading)
+        workloads = [w for w, _ in weighted]
+        weights = [wt for _, wt in weighted]
+        energy = split_exact(step.joules, weights)
+        costs = [(currency, split_exact(amount, weights)) for currency, amount in charge.cost]
+        grams = split_exact(charge.co2e_grams, weights)
+        return method, [
+            StepShare(w, energy[i], tuple((c, parts[i]) for c, parts in costs), grams[i])
+            for i, w in enumerate(workloads)
+        ]
+
+    def _weights(self, reading: GpuReading) -> tuple[str, list[tuple[Workload, Fraction]]]:
+        processes = reading.processes
+        if processes is None:
+            return METHOD_UNATTRIBUTED, [(NO_PROCESS_LIST, Fraction(1))]
+        if not processes:
+            return METHOD_IDLE, [(IDLE, Fraction(1))]
+        method, weights = process_weights(processes)
+        by_workload: dict[tuple[str, str], tuple[Workload, Fraction]] = {}
+        for proc, weight in zip(processes, weights, strict=True):
+            if weight == 0:
+                continue
+            workload = self.resolver.resolve(proc.pid) or UNKNOWN_PROCESS
+            prev = by_workload.get(workload.key)
+            by_workload[workload.key] = (workload, weight + (prev[1] if prev else 0))
+        return method, [by_workload[k] for k in sorted(by_workload)]
+
+    def _record(self, gpu_index: int, uuid: str, method: str, shares: list[StepShare], now: float) -> None:
+        with self._lock:
+            self._methods[(gpu_index, uuid)] = method
+            self._overflowed.setdefault((gpu_index, uuid), 0)
+            for share in shares:
+                workload = share.workload
+                key = (gpu_index, uuid, workload.kind, workload.id)
+                totals = self._series.get(key)
+                if totals is None:
+                    special = workload.kind in SPECIAL_KINDS
+                    if not special and self._workload_series >= self.max_series:
+                        self._overflowed[(gpu_index, uuid)] += 1
+                        workload = OVERFLOW
+                        key = (gpu_index, uuid, OVERFLOW.kind, OVERFLOW.id)
+                        totals = self._series.get(key)
+                    elif not special:
+                        self._workload_series += 1
+                    if totals is None:
+                        totals = self._series[key] = _Totals()
+                if workload.kind not in SPECIAL_KINDS:
+                    self._info[workload.key] = workload
+                _add(totals, share)
+                totals.last_seen = now
+
+    # -- sampler thread ----------------------------------------------------------------------------
+
+    def families(self, now: float) -> tuple[Metric, ...]:
+        """Metric families for one snapshot: built here, never touched again."""
+        self._expire(now)
+        if now - self._last_prune > 60.0:
+            self._last_prune = now
+            self.resolver.prune()
+        energy = CounterMetricFamily("wattson_workload_energy_joules", "GPU energy (no PUE) attributed to the "
+                                     "workload on this GPU, in joules.", labels=LABELS)
+        cost = CounterMetricFamily("wattson_workload_cost", "Money paid for the workload's energy (x PUE) on "
+                                   "this GPU at positive prices. Net = cost - cost_credit.",
+                                   labels=LABELS + ["currency"])
+        credit = CounterMetricFamily("wattson_workload_cost_credit", "Money earned for the workload's energy "
+                                     "(x PUE) on this GPU at negative prices, as a positive amount.",
+                                     labels=LABELS + ["currency"])
+        co2e = CounterMetricFamily("wattson_workload_co2e_grams", "CO2-equivalent attributed to the workload's "
+                                   "energy (x PUE) on this GPU, in grams.", labels=LABELS)
+        info = GaugeMetricFamily("wattson_workload_info", "Workload description; always 1. user is the owner, "
+                                 "pod and namespace are set where the container runtime names them.",
+                                 labels=["kind", "workload", "user", "pod", "namespace"])
+        methods = GaugeMetricFamily("wattson_workload_attribution_info", "How the GPU's last step was split: "
+                                    "sm_utilization, memory, equal, mig_memory (GPU-instance memory share), "
+                                    "idle or unattributed; always 1.", labels=GPU_LABELS + ["method"])
+        overflow = CounterMetricFamily("wattson_workload_overflow_attributions", "Shares of GPU steps charged to "
+                                       "kind=\"overflow\" because max_series workload series existed.",
+                                       labels=GPU_LABELS)
+        series = GaugeMetricFamily("wattson_workload_series", "Workload series exported now (idle, "
+                                   "unattributed and overflow excluded), limited by workloads.max_series.")
+        with self._lock:
+            for (gpu, uuid, kind, wid), t in sorted(self._series.items()):
+                lv = [kind, wid, str(gpu), uuid]
+                energy.add_metric(lv, t.energy_joules.value)
+                for currency in sorted(t.cost):
+                    cost.add_metric(lv + [currency], t.cost[currency].value)
+                    credit.add_metric(lv + [currency], t.credit[currency].value)
+                co2e.add_metric(lv, t.co2e_grams.value)
+            for (kind, wid), w in sorted(self._info.items()):
+                info.add_metric([kind, wid, w.user, w.pod, w.namespace], 1)
+            for (gpu, uuid), method in sorted(self._methods.items()):
+                methods.add_metric([str(gpu), uuid, method], 1)
+            for (gpu, uuid), n in sorted(self._overflowed.items()):
+                overflow.add_metric([str(gpu), uuid], n)
+            series.add_metric([], self._workload_series)
+        return (energy, cost, credit, co2e, info, methods, overflow, series)
+
+    def _expire(self, now: float) -> None:
+        """Drop workload series last charged more than retention_seconds ago (and not since the last
+        render, so a zero retention still shows every workload once)."""
+        prev_render, self._last_render = self._last_render, now
+        with self._lock:
+            expired = [key for key, t in self._series.items()
+                       if key[2] not in SPECIAL_KINDS and now - t.last_seen > self.retention_seconds
+                       and (prev_render is None or t.last_seen < prev_render)]
+            for key in expired:
+                del self._series[key]
+                self._workload_series -= 1
+            if expired:
+                live = {(k[2], k[3]) for k in self._series}
+                for wkey in [k for k in self._info if k not in live]:
+                    del self._info[wkey]
+
+    # -- tests -------------------------------------------------------------------------------------
+
+    def exact_totals(self) -> dict[SeriesKey, dict[str, Any]]:
+        """Exact totals per series (Fractions), for conservation tests."""
+        with self._lock:
+            return {key: {"energy_joules": t.energy_joules.exact, "co2e_grams": t.co2e_grams.exact,
+                          "cost": {c: s.exact for c, s in t.cost.items()},
+                          "credit": {c: s.exact for c, s in t.credit.items()}}
+                    for key, t in self._series.items()}
+
+
+def _add(totals: _Totals, share: StepShare) -> None:
+    totals.energy_joules.add(share.energy_joules)
+    for currency, amount in share.cost:
+        totals.cost.setdefault(currency, ExactSum())
+        totals.credit.setdefault(currency, ExactSum())
+        if amount >= 0:
+            totals.cost[currency].add(amount)
+        else:
+            totals.credit[currency].add(-amount)
+    totals.co2e_grams.add(share.co2e_grams)
+
+
+def build_resolver(cfg: WorkloadsConfig, backend: object | None = None) -> WorkloadResolver:
+    """The resolver for the configured /proc root; a simulated backend with jobs brings its own
+    in-memory /proc (same file formats) with the users and pods its jobs describe."""
+    procfs: Any = getattr(backend, "procfs", None)
+    proc: ProcReader
+    if procfs is not None:
+        proc = procfs
+        users = UserNames(resolve=False, known=getattr(procfs, "users", {}))
+        pods = PodMetadata((), known=getattr(procfs, "pods", {}))
+    else:
+        proc = ProcFS(cfg.proc_root)
+        users = UserNames(resolve=cfg.resolve_user_names, passwd_file=cfg.passwd_file)
+        pods = PodMetadata(tuple(cfg.pod_metadata_files))
+    return WorkloadResolver(proc, users, pods, cfg.bare_processes)
+
+
+def attach(sampler: Any, backend: object, cfg: WorkloadsConfig) -> WorkloadTracker:
+    """Wire per-workload accounting into a sampler: a listener for steps and a family producer.
+
+    A backend with a `collect_processes` attribute (the NVML backend) is asked to list processes.
+    """
+    if hasattr(backend, "collect_processes"):
+        backend.collect_processes = True  # type: ignore[attr-defined]
+    tracker = WorkloadTracker(build_resolver(cfg, backend), cfg.retention_seconds, cfg.max_series,
+                              clock=sampler.clock)
+    for worker in getattr(sampler, "workers", []):
+        tracker.add_gpu(worker.identity.index, worker.identity.uuid)
+    sampler.listeners.append(tracker.on_step)
+    sampler.extra_families.append(tracker.families)
+    log.info("per-workload accounting enabled",
+             extra={"kv": {"proc_root": "(simulated)" if getattr(backend, "procfs", None) is not None
+                           else cfg.proc_root, "retention_seconds": cfg.retention_seconds,
+                           "max_series": cfg.max_series}})
+    return tracker
+
+
+__all__ = ["attach", "WorkloadTracker", "StepShare", "build_resolver", "DEFAULT_POD_METADATA_FILES"]

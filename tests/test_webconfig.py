@@ -1,0 +1,710 @@
+"""The web config (TLS, client certificates, basic auth, headers) tested over real TLS connections.
+
+A throwaway CA, server and client certificates are made at test time with the openssl CLI (or the
+`cryptography` package where openssl is missing). A tiny ThreadingHTTPServer on 127.0.0.1:0 wraps
+its socket with WebSecurity.ssl_context and gates requests with check_basic_auth, the same API the
+wattson server uses.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import http.client
+import ipaddress
+import logging
+import os
+import shutil
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+
+from wattson import webconfig
+from wattson.webconfig import WebConfigError, WebSecurity, load_web_config
+
+PASSWORD = "correct horse battery staple"
+BOB_PASSWORD = "hunter2-but-longer"
+# Cost 4 (bcrypt's minimum) keeps the tests fast; the code paths are the same as at cost 10.
+ALICE_HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
+BOB_HASH = "$2y$" + bcrypt.hashpw(BOB_PASSWORD.encode(), bcrypt.gensalt(4)).decode()[4:]  # htpasswd style
+
+
+# --- throwaway PKI --------------------------------------------------------------------------------
+
+LEAF_EXT = """basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature
+extendedKeyUsage={usage}
+subjectAltName={san}
+subjectKeyIdentifier=hash
+authorityKeyIdentifier=keyid,issuer
+"""
+
+
+def _openssl(d: Path, *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=30)
+
+
+def make_pki_openssl(d: Path) -> dict[str, Path]:
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl(d, "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+             "-subj", "/CN=wattson test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for name, usage, san in (("server", "serverAuth", "DNS:localhost,IP:127.0.0.1"),
+                             ("client", "clientAuth", "DNS:prometheus.test")):
+        (d / f"{name}.ext").write_text(LEAF_EXT.format(usage=usage, san=san))
+        _openssl(d, "req", "-new", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        _openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", "2",
+                 "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+    # A client certificate no configured CA vouches for.
+    _openssl(d, "req", "-x509", *ec, "-keyout", "rogue.key", "-out", "rogue.crt", "-days", "2",
+             "-subj", "/CN=rogue", "-addext", "extendedKeyUsage=clientAuth")
+    _openssl(d, "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", "other.key")
+    _openssl(d, "pkey", "-in", "server.key", "-aes256", "-passout", "pass:test-passphrase", "-out", "enc.key")
+    return _pki_paths(d)
+
+
+def make_pki_cryptography(d: Path) -> dict[str, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def key_pem(key: Any, password: bytes | None = None) -> bytes:
+        enc = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+
+    def build(cn: str, key: Any, issuer_cn: str, issuer_key: Any, ca: bool, usage: Any = None,
+              san: list[Any] | None = None) -> Any:
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_cn)]))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+                            critical=False))
+        if ca:
+            b = b.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), True)
+        if usage is not None:
+            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    def new_key() -> Any:
+        return ec.generate_private_key(ec.SECP256R1())
+
+    ca_key = new_key()
+    ca = build("wattson test CA", ca_key, "wattson test CA", ca_key, True)
+    files: dict[str, bytes] = {"ca.crt": ca.public_bytes(serialization.Encoding.PEM), "ca.key": key_pem(ca_key)}
+    for name, usage, san in (
+            ("server", ExtendedKeyUsageOID.SERVER_AUTH,
+             [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            ("client", ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("prometheus.test")])):
+        k = new_key()
+        files[f"{name}.key"] = key_pem(k)
+        files[f"{name}.crt"] = build(name, k, "wattson test CA", ca_key, False, usage, san).public_bytes(
+            serialization.Encoding.PEM)
+        if name == "server":
+            files["enc.key"] = key_pem(k, b"test-passphrase")
+    rogue_key = new_key()
+    files["rogue.key"] = key_pem(rogue_key)
+    files["rogue.crt"] = build("rogue", rogue_key, "rogue", rogue_key, False,
+                               ExtendedKeyUsageOID.CLIENT_AUTH).public_bytes(serialization.Encoding.PEM)
+    files["other.key"] = key_pem(new_key())
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    return _pki_paths(d)
+
+
+def _pki_paths(d: Path) -> dict[str, Path]:
+    (d / "junk.pem").write_text("this is not PEM at all\n")
+    (d / "corrupt.crt").write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    names = ("ca.crt", "server.crt", "server.key", "client.crt", "client.key", "rogue.crt", "rogue.key",
+             "other.key", "enc.key", "junk.pem", "corrupt.crt")
+    return {n.replace(".", "_"): d / n for n in names} | {"dir": d}
+
+
+def _have_cryptography() -> bool:
+    try:
+        import cryptography.x509  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("pki")
+    if shutil.which("openssl"):
+        return make_pki_openssl(d)
+    if _have_cryptography():
+        return make_pki_cryptography(d)
+    pytest.skip("neither the openssl CLI nor the cryptography package is available to make test certificates")
+
+
+def fill(text: str, paths: dict[str, Any]) -> str:
+    """Put file paths into a config template's {name} placeholders."""
+    for k, v in paths.items():
+        text = text.replace("{" + k + "}", str(v))
+    return text
+
+
+def write_config(tmp_path: Path, text: str, **paths: Any) -> str:
+    p = tmp_path / "web-config.yml"
+    p.write_text(fill(text, paths))
+    return str(p)
+
+
+TLS = """tls_server_config:
+  cert_file: {server_crt}
+  key_file: {server_key}
+"""
+USERS = f"""basic_auth_users:
+  alice: {ALICE_HASH}
+  bob: '{BOB_HASH}'
+"""
+
+
+# --- a tiny server using the WebSecurity API ------------------------------------------------------
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _TestServer
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        sec = self.server.security
+        if sec.auth_required() and not sec.check_basic_auth(self.headers.get("Authorization")):
+            status, body, extra = 401, b"Unauthorized\n", {"WWW-Authenticate": "Basic"}
+        else:
+            status, body, extra = 200, b"wattson_up 1\n", {}
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in {**sec.headers, **extra}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _TestServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, security: WebSecurity) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.security = security
+        if security.ssl_context is not None:
+            # The handshake runs in accept(); a failed one raises SSLError (an OSError), which
+            # socketserver drops after closing that connection.
+            self.socket = security.ssl_context.wrap_socket(self.socket, server_side=True)
+
+
+@contextlib.contextmanager
+def serve(security: WebSecurity) -> Iterator[int]:
+    server = _TestServer(security)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+class Reply:
+    def __init__(self, status: int, headers: http.client.HTTPMessage, body: bytes, tls_version: str | None,
+                 cipher: str | None) -> None:
+        self.status, self.headers, self.body, self.tls_version, self.cipher = (status, headers, body,
+                                                                               tls_version, cipher)
+
+
+def client_context(pki: dict[str, Path], cert: str | None = None, **versions: ssl.TLSVersion) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki["ca_crt"]))
+    if cert:
+        ctx.load_cert_chain(str(pki[f"{cert}_crt"]), str(pki[f"{cert}_key"]))
+    for attr, v in versions.items():
+        setattr(ctx, attr, v)
+    return ctx
+
+
+def get(port: int, ctx: ssl.SSLContext | None, auth: tuple[str, str] | None = None) -> Reply:
+    conn: http.client.HTTPConnection
+    if ctx is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    else:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=5)
+    headers = {}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    try:
+        conn.request("GET", "/metrics", headers=headers)
+        sock = conn.sock  # read now: getresponse() closes it once an HTTP/1.0 reply is in
+        version = cipher = None
+        if isinstance(sock, ssl.SSLSocket):
+            version, negotiated = sock.version(), sock.cipher()
+            cipher = negotiated[0] if negotiated else None
+        r = conn.getresponse()
+        body = r.read()
+        return Reply(r.status, r.headers, body, version, cipher)
+    finally:
+        conn.close()
+
+
+CONNECTION_FAILED = (OSError, http.client.HTTPException)  # ssl.SSLError and resets are OSErrors
+
+
+# --- end to end over TLS --------------------------------------------------------------------------
+
+def test_no_config_file_means_plain_http_without_auth() -> None:
+    sec = load_web_config(None)
+    assert sec.ssl_context is None and sec.users == {} and sec.headers == {}
+    assert not sec.auth_required()
+    assert sec.check_basic_auth(None)
+
+
+def test_tls_with_basic_auth_and_headers(pki: dict[str, Path], tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    path = write_config(tmp_path, TLS + USERS + """http_server_config:
+  headers:
+    X-Frame-Options: deny
+    X-Content-Type-Options: nosniff
+    Strict-Transport-Security: max-age=31536000
+""", **pki)
+    sec = load_web_config(path)
+    assert sec.ssl_context is not None and sec.auth_required()
+    ctx = client_context(pki)
+    with serve(sec) as port:
+        ok = get(port, ctx, ("alice", PASSWORD))
+        assert (ok.status, ok.body) == (200, b"wattson_up 1\n")
+        assert ok.tls_version in ("TLSv1.2", "TLSv1.3")
+        assert ok.headers["X-Frame-Options"] == "deny"
+        assert ok.headers["X-Content-Type-Options"] == "nosniff"
+        assert ok.headers["Strict-Transport-Security"] == "max-age=31536000"
+        assert get(port, ctx, ("bob", BOB_PASSWORD)).status == 200  # $2y$ (htpasswd) hashes work
+
+        wrong = get(port, ctx, ("alice", "not the password"))
+        assert wrong.status == 401
+        assert wrong.headers["WWW-Authenticate"].startswith("Basic")
+        assert wrong.headers["X-Frame-Options"] == "deny"  # headers on every response, like the toolkit
+        assert wrong.body == b"Unauthorized\n"
+        none = get(port, ctx)
+        assert none.status == 401 and none.headers["WWW-Authenticate"].startswith("Basic")
+        assert get(port, ctx, ("mallory", PASSWORD)).status == 401
+        assert get(port, ctx, ("bob", PASSWORD)).status == 401  # alice's password is not bob's
+    for secret in (PASSWORD, BOB_PASSWORD, ALICE_HASH, BOB_HASH):
+        assert secret not in caplog.text
+        assert secret not in repr(sec)
+
+
+def test_plain_http_to_a_tls_port_is_refused(pki: dict[str, Path], tmp_path: Path) -> None:
+    sec = load_web_config(write_config(tmp_path, TLS, **pki))
+    with serve(sec) as port:
+        with pytest.raises(CONNECTION_FAILED):
+            get(port, None)
+        assert get(port, client_context(pki)).status == 200  # the same port speaks TLS
+
+
+def test_min_version_tls13_refuses_a_tls12_client(pki: dict[str, Path], tmp_path: Path) -> None:
+    sec = load_web_config(write_config(tmp_path, TLS + "  min_version: TLS13\n", **pki))
+    with serve(sec) as port:
+        with pytest.raises(ssl.SSLError):
+            get(port, client_context(pki, maximum_version=ssl.TLSVersion.TLSv1_2))
+        assert get(port, client_context(pki)).tls_version == "TLSv1.3"
+
+
+def test_max_version_tls12_caps_the_protocol(pki: dict[str, Path], tmp_path: Path) -> None:
+    sec = load_web_config(write_config(tmp_path, TLS + "  max_version: TLS12\n", **pki))
+    with serve(sec) as port:
+        assert get(port, client_context(pki)).tls_version == "TLSv1.2"
+
+
+def test_cipher_suites_are_applied(pki: dict[str, Path], tmp_path: Path) -> None:
+    # The test keys are ECDSA; the client offers its whole default list and the server picks from ours.
+    cfg = TLS + """  max_version: TLS12
+  cipher_suites: [TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, TLS_AES_128_GCM_SHA256]
+"""
+    sec = load_web_config(write_config(tmp_path, cfg, **pki))
+    assert sec.ssl_context is not None
+    tls12 = [c["name"] for c in sec.ssl_context.get_ciphers() if c["protocol"] == "TLSv1.2"]
+    assert tls12 == ["ECDHE-ECDSA-AES256-GCM-SHA384"]
+    with serve(sec) as port:
+        reply = get(port, client_context(pki))
+        assert (reply.tls_version, reply.cipher) == ("TLSv1.2", "ECDHE-ECDSA-AES256-GCM-SHA384")
+
+
+def test_require_and_verify_client_cert(pki: dict[str, Path], tmp_path: Path) -> None:
+    cfg = TLS + "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {ca_crt}\n"
+    sec = load_web_config(write_config(tmp_path, cfg, **pki))
+    with serve(sec) as port:
+        with pytest.raises(CONNECTION_FAILED):
+            get(port, client_context(pki))  # no client certificate
+        with pytest.raises(CONNECTION_FAILED):
+            get(port, client_context(pki, "rogue"))  # a certificate our CA did not sign
+        assert get(port, client_context(pki, "client")).status == 200
+        # over TLS 1.2 the refusal happens inside the handshake itself
+        with pytest.raises(ssl.SSLError):
+            get(port, client_context(pki, maximum_version=ssl.TLSVersion.TLSv1_2))
+
+
+def test_verify_client_cert_if_given(pki: dict[str, Path], tmp_path: Path) -> None:
+    cfg = TLS + "  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: {ca_crt}\n"
+    sec = load_web_config(write_config(tmp_path, cfg, **pki))
+    with serve(sec) as port:
+        assert get(port, client_context(pki)).status == 200
+        assert get(port, client_context(pki, "client")).status == 200
+        with pytest.raises(CONNECTION_FAILED):
+            get(port, client_context(pki, "rogue"))
+
+
+def test_client_cert_and_basic_auth_together(pki: dict[str, Path], tmp_path: Path) -> None:
+    cfg = TLS + "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {ca_crt}\n" + USERS
+    sec = load_web_config(write_config(tmp_path, cfg, **pki))
+    with serve(sec) as port:
+        ctx = client_context(pki, "client")
+        assert get(port, ctx).status == 401
+        assert get(port, ctx, ("alice", PASSWORD)).status == 200
+
+
+def test_inline_cert_key_and_client_ca(pki: dict[str, Path], tmp_path: Path) -> None:
+    def block(name: str) -> str:
+        return "|\n" + "".join("    " + line + "\n" for line in pki[name].read_text().splitlines())
+
+    cfg = ("tls_server_config:\n  cert: " + block("server_crt") + "  key: " + block("server_key")
+           + "  client_ca: " + block("ca_crt") + "  client_auth_type: RequireAndVerifyClientCert\n")
+    sec = load_web_config(write_config(tmp_path, cfg))
+    with serve(sec) as port:
+        assert get(port, client_context(pki, "client")).status == 200
+        with pytest.raises(CONNECTION_FAILED):
+            get(port, client_context(pki))
+
+
+def test_relative_paths_are_relative_to_the_config_file(pki: dict[str, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg_dir = pki["dir"] / "conf"
+    cfg_dir.mkdir(exist_ok=True)
+    (cfg_dir / "web.yml").write_text("tls_server_config:\n  cert_file: ../server.crt\n  key_file: ../server.key\n")
+    monkeypatch.chdir(tmp_path)
+    sec = load_web_config(str(cfg_dir / "web.yml"))
+    with serve(sec) as port:
+        assert get(port, client_context(pki)).status == 200
+
+
+def test_accepted_and_ignored_keys(pki: dict[str, Path], tmp_path: Path) -> None:
+    cfg = TLS + """  prefer_server_cipher_suites: false
+  curve_preferences: [X25519, CurveP256]
+  cipher_suites: [TLS_AES_256_GCM_SHA384]
+  client_auth_type: NoClientCert
+http_server_config:
+  http2: false
+  headers:
+    X-XSS-Protection: ""
+"""
+    sec = load_web_config(write_config(tmp_path, cfg, **pki))
+    assert sec.ssl_context is not None
+    assert not sec.ssl_context.options & ssl.OP_CIPHER_SERVER_PREFERENCE
+    assert sec.headers == {}  # blank means unset
+    assert not sec.auth_required()
+    with serve(sec) as port:
+        assert get(port, client_context(pki)).status == 200
+
+
+def test_old_tls_is_allowed_with_a_warning(pki: dict[str, Path], tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    sec = load_web_config(write_config(tmp_path, TLS + "  min_version: TLS10\n", **pki))
+    assert sec.ssl_context is not None and sec.ssl_context.minimum_version == ssl.TLSVersion.TLSv1
+    assert "older than 1.2" in caplog.text
+
+
+def test_empty_file_and_empty_sections_mean_plain_http(tmp_path: Path) -> None:
+    for text in ("", "tls_server_config:\nbasic_auth_users: {}\n", "tls_server_config: {}\n"):
+        sec = load_web_config(write_config(tmp_path, text))
+        assert sec.ssl_context is None and not sec.auth_required()
+
+
+@pytest.mark.skipif(not _have_cryptography(), reason="the cryptography package is not installed")
+def test_cryptography_fallback_pki_works(tmp_path: Path) -> None:
+    pki = make_pki_cryptography(tmp_path)
+    cfg = TLS + "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {ca_crt}\n"
+    sec = load_web_config(write_config(tmp_path, cfg, **pki))
+    with serve(sec) as port:
+        assert get(port, client_context(pki, "client")).status == 200
+    with pytest.raises(WebConfigError, match="encrypted"):
+        load_web_config(write_config(tmp_path, TLS.replace("server_key", "enc_key"), **pki))
+
+
+# --- basic auth and its cache ---------------------------------------------------------------------
+
+def basic(user: str, password: str | bytes) -> str:
+    raw = password if isinstance(password, bytes) else password.encode()
+    return "Basic " + base64.b64encode(user.encode() + b":" + raw).decode()
+
+
+@pytest.fixture
+def checkpw_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    calls: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        calls.append(hashed)
+        return real(password, hashed)
+
+    monkeypatch.setattr(webconfig.bcrypt, "checkpw", counting)
+    return calls
+
+
+def test_successful_checks_are_cached_over_tls(pki: dict[str, Path], tmp_path: Path,
+                                               checkpw_calls: list[bytes]) -> None:
+    sec = load_web_config(write_config(tmp_path, TLS + USERS, **pki))
+    with serve(sec) as port:
+        ctx = client_context(pki)
+        assert get(port, ctx, ("alice", PASSWORD)).status == 200
+        assert len(checkpw_calls) == 1
+        assert get(port, ctx, ("alice", PASSWORD)).status == 200
+        assert get(port, ctx, ("alice", PASSWORD)).status == 200
+        assert len(checkpw_calls) == 1  # served from the cache
+        # a wrong password is never cached and always pays bcrypt
+        assert get(port, ctx, ("alice", "guess")).status == 401
+        assert get(port, ctx, ("alice", "guess")).status == 401
+        assert len(checkpw_calls) == 3
+
+
+def test_cache_is_keyed_on_user_and_password(checkpw_calls: list[bytes]) -> None:
+    sec = WebSecurity(users={"alice": ALICE_HASH.encode(), "bob": BOB_HASH.encode()})
+    assert sec.check_basic_auth(basic("alice", PASSWORD))
+    assert not sec.check_basic_auth(basic("alice", PASSWORD + "x"))
+    assert not sec.check_basic_auth(basic("bob", PASSWORD))
+    assert sec.check_basic_auth(basic("bob", BOB_PASSWORD))
+    assert len(checkpw_calls) == 4
+    assert sec.check_basic_auth(basic("bob", BOB_PASSWORD)) and sec.check_basic_auth(basic("alice", PASSWORD))
+    assert len(checkpw_calls) == 4
+
+
+def test_unknown_users_still_pay_bcrypt(checkpw_calls: list[bytes]) -> None:
+    sec = WebSecurity(users={"alice": ALICE_HASH.encode()})
+    assert not sec.check_basic_auth(basic("mallory", PASSWORD))
+    assert not sec.check_basic_auth(basic("mallory", PASSWORD))
+    # a dummy hash at the users' cost, so timing does not tell which names exist; never cached
+    assert len(checkpw_calls) == 2 and checkpw_calls[0] != ALICE_HASH.encode()
+    assert checkpw_calls[0].startswith(b"$2b$04$")
+
+
+def test_cache_is_bounded(checkpw_calls: list[bytes]) -> None:
+    users = {f"u{i}": bcrypt.hashpw(f"p{i}".encode(), bcrypt.gensalt(4)) for i in range(3)}
+    sec = WebSecurity(users=users)
+    sec._cache.max_entries = 2
+    for i in range(3):
+        assert sec.check_basic_auth(basic(f"u{i}", f"p{i}"))
+    assert len(sec._cache) == 2
+    assert sec.check_basic_auth(basic("u2", "p2")) and len(checkpw_calls) == 3  # recent: cached
+    assert sec.check_basic_auth(basic("u0", "p0")) and len(checkpw_calls) == 4  # evicted: checked again
+
+
+@pytest.mark.parametrize("header", [
+    None, "", "Basic", "Basic ", "Bearer abc", "Basic !!!notbase64!!!",
+    "Basic " + base64.b64encode(b"alice-no-colon").decode(),
+    "Basic " + base64.b64encode(b"\xff\xfe:" + PASSWORD.encode()).decode(),  # not UTF-8 user name
+    "Basic " + base64.b64encode(b"alice:" + PASSWORD.encode() + b"\x00").decode(),
+])
+def test_malformed_or_wrong_headers_are_rejected(header: str | None) -> None:
+    sec = WebSecurity(users={"alice": ALICE_HASH.encode()})
+    assert sec.check_basic_auth(header) is False
+
+
+def test_header_parsing_variants() -> None:
+    colon_pw = "pass:with:colons"
+    long_pw = "x" * 100  # bcrypt looks at the first 72 bytes, as htpasswd and Go do
+    sec = WebSecurity(users={"alice": ALICE_HASH.encode(),
+                             "carol": bcrypt.hashpw(colon_pw.encode(), bcrypt.gensalt(4)),
+                             "dave": bcrypt.hashpw(long_pw[:72].encode(), bcrypt.gensalt(4))})
+    assert sec.check_basic_auth("basic " + basic("alice", PASSWORD).split(" ", 1)[1])  # scheme is case-blind
+    assert sec.check_basic_auth("  " + basic("alice", PASSWORD) + "  ")
+    assert sec.check_basic_auth(basic("carol", colon_pw))  # only the first colon splits
+    assert sec.check_basic_auth(basic("dave", long_pw))
+    assert not sec.check_basic_auth(basic("dave", long_pw[:71]))
+
+
+def test_repr_never_shows_hashes() -> None:
+    sec = WebSecurity(users={"alice": ALICE_HASH.encode()}, headers={"X-Frame-Options": "deny"})
+    assert ALICE_HASH not in repr(sec) and "alice" in repr(sec)
+
+
+def test_concurrent_checks_are_consistent() -> None:
+    sec = WebSecurity(users={"alice": ALICE_HASH.encode()})
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def worker(pw: str) -> None:
+        ok = sec.check_basic_auth(basic("alice", pw))
+        with lock:
+            results.append(ok == (pw == PASSWORD))
+
+    threads = [threading.Thread(target=worker, args=(PASSWORD if i % 2 else "nope",)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == [True] * 16
+
+
+# --- configuration errors -------------------------------------------------------------------------
+
+BAD_HASH_COST = "$2b$03$" + "a" * 53
+CA = "  client_ca_file: {ca_crt}\n"
+
+ERRORS = [
+    # (config, key path in the message, what the message says)
+    ("bogus: 1\n", "bogus", "unknown key"),
+    (TLS + "  bogus: 1\n", "tls_server_config.bogus", "unknown key"),
+    ("http_server_config:\n  nope: true\n", "http_server_config.nope", "unknown key"),
+    ("rate_limit:\n  interval: 1s\n  burst: 20\n", "rate_limit", "not supported"),
+    (TLS + "  client_allowed_sans: [prometheus.test]\n", "tls_server_config.client_allowed_sans", "not supported"),
+    ("- a list\n", "(top level)", "must be a mapping"),
+    ("tls_server_config: yes please\n", "tls_server_config", "must be a mapping"),
+    ("tls_server_config:\n  key_file: {server_key}\n", "tls_server_config.cert_file", "missing"),
+    ("tls_server_config:\n  cert_file: {server_crt}\n", "tls_server_config.key_file", "missing"),
+    ("tls_server_config:\n  min_version: TLS13\n", "tls_server_config.cert_file", "missing"),
+    ("tls_server_config:\n  cert_file: {dir}/nope.crt\n  key_file: {server_key}\n",
+     "tls_server_config.cert_file", "cannot read"),
+    ("tls_server_config:\n  cert_file: {server_crt}\n  key_file: {dir}\n", "tls_server_config.key_file",
+     "cannot read"),
+    ("tls_server_config:\n  cert_file: {junk_pem}\n  key_file: {server_key}\n", "tls_server_config.cert_file",
+     "no PEM certificate"),
+    ("tls_server_config:\n  cert_file: {server_key}\n  key_file: {server_key}\n", "tls_server_config.cert_file",
+     "no PEM certificate"),
+    ("tls_server_config:\n  cert_file: {corrupt_crt}\n  key_file: {server_key}\n",
+     "tls_server_config.cert_file", "not a valid PEM certificate"),
+    ("tls_server_config:\n  cert_file: {server_crt}\n  key_file: {junk_pem}\n", "tls_server_config.key_file",
+     "no PEM private key"),
+    ("tls_server_config:\n  cert_file: {server_crt}\n  key_file: {other_key}\n", "tls_server_config.key_file",
+     "does not match the certificate"),
+    ("tls_server_config:\n  cert_file: {server_crt}\n  key_file: {enc_key}\n", "tls_server_config.key_file",
+     "encrypted"),
+    (TLS + "  cert: inline\n", "tls_server_config.cert_file", "mutually exclusive"),
+    (TLS + "  client_auth_type: Sometimes\n", "tls_server_config.client_auth_type", "unknown value"),
+    (TLS + "  client_auth_type: RequireAnyClientCert\n" + CA, "tls_server_config.client_auth_type",
+     "RequireAndVerifyClientCert"),
+    (TLS + "  client_auth_type: RequireAndVerifyClientCert\n", "tls_server_config.client_ca_file", "required"),
+    (TLS + "  client_auth_type: VerifyClientCertIfGiven\n", "tls_server_config.client_ca_file", "required"),
+    (TLS + CA, "tls_server_config.client_ca_file", "unused"),
+    (TLS + "  client_auth_type: RequestClientCert\n" + CA, "tls_server_config.client_ca_file", "unused"),
+    (TLS + "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {junk_pem}\n",
+     "tls_server_config.client_ca_file", "no PEM certificate"),
+    (TLS + "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {dir}/missing-ca.crt\n",
+     "tls_server_config.client_ca_file", "cannot read"),
+    (TLS + "  client_auth_type: RequireAndVerifyClientCert\n  client_ca: not a cert\n",
+     "tls_server_config.client_ca", "no PEM certificate"),
+    (TLS + "  min_version: TLS14\n", "tls_server_config.min_version", "unknown TLS version"),
+    (TLS + "  max_version: 1.3\n", "tls_server_config.max_version", "must be a string"),
+    (TLS + "  min_version: TLS13\n  max_version: TLS12\n", "tls_server_config.min_version", "higher than"),
+    (TLS + "  cipher_suites: [TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, TLS_RC4_FOREVER]\n",
+     "tls_server_config.cipher_suites[1]", "unknown cipher"),
+    (TLS + "  cipher_suites: TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256\n", "tls_server_config.cipher_suites",
+     "must be a list"),
+    (TLS + "  curve_preferences: [X25519, CurveP999]\n", "tls_server_config.curve_preferences[1]",
+     "unknown curve"),
+    (TLS + "  prefer_server_cipher_suites: sometimes\n", "tls_server_config.prefer_server_cipher_suites",
+     "true or false"),
+    ("http_server_config:\n  http2: maybe\n", "http_server_config.http2", "true or false"),
+    ("http_server_config:\n  headers:\n    X-Powered-By: wattson\n", "http_server_config.headers.X-Powered-By",
+     "can not be configured"),
+    ("http_server_config:\n  headers:\n    x-frame-options: deny\n", "http_server_config.headers.x-frame-options",
+     "can not be configured"),
+    ("http_server_config:\n  headers:\n    X-Frame-Options: allow-from\n",
+     "http_server_config.headers.X-Frame-Options", "invalid value"),
+    ("http_server_config:\n  headers:\n    X-Content-Type-Options: sniff\n",
+     "http_server_config.headers.X-Content-Type-Options", "invalid value"),
+    ('http_server_config:\n  headers:\n    Content-Security-Policy: "a\\r\\nSet-Cookie: x=1"\n',
+     "http_server_config.headers.Content-Security-Policy", "line breaks"),
+    ("basic_auth_users: [alice]\n", "basic_auth_users", "must be a mapping"),
+    (f"basic_auth_users:\n  alice: {PASSWORD}\n", "basic_auth_users.alice", "not a valid bcrypt hash"),
+    (f"basic_auth_users:\n  alice: '{ALICE_HASH[:-1]}'\n", "basic_auth_users.alice", "not a valid bcrypt hash"),
+    (f"basic_auth_users:\n  alice: '{BAD_HASH_COST}'\n", "basic_auth_users.alice", "out of range"),
+    ("basic_auth_users:\n  alice: 12345\n", "basic_auth_users.alice", "must be a bcrypt hash string"),
+    (f"basic_auth_users:\n  'a:b': {ALICE_HASH}\n", "basic_auth_users.a:b", "must not contain ':'"),
+    (f"basic_auth_users:\n  123: {ALICE_HASH}\n", "basic_auth_users", "non-empty string"),
+    (f"basic_auth_users:\n  alice: {ALICE_HASH}\n  alice: {BOB_HASH}\n", "(yaml)", "duplicate key 'alice'"),
+    (f"basic_auth_users:\n  alice: {ALICE_HASH}\n   bob: [{BOB_HASH}\n", "(yaml)", "line"),
+]
+
+
+@pytest.mark.parametrize(("text", "key_path", "what"), ERRORS, ids=[f"{e[1]}:{e[2]}" for e in ERRORS])
+def test_config_errors_name_the_file_and_key(pki: dict[str, Path], tmp_path: Path, text: str, key_path: str,
+                                             what: str) -> None:
+    path = tmp_path / "web-config.yml"
+    path.write_text(fill(text, pki))
+    with pytest.raises(WebConfigError) as info:
+        load_web_config(str(path))
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: {key_path}: "), msg
+    assert what in msg, msg
+    assert "\n" not in msg
+    for secret in (PASSWORD, ALICE_HASH, BOB_HASH, BAD_HASH_COST, "$2b$", "$2y$", "PRIVATE KEY", "BEGIN"):
+        assert secret not in msg, msg
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yml"
+    with pytest.raises(WebConfigError, match=rf"^{path}: \(file\): cannot read: No such file"):
+        load_web_config(str(path))
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_key_file(pki: dict[str, Path], tmp_path: Path) -> None:
+    key = tmp_path / "locked.key"
+    key.write_bytes(pki["server_key"].read_bytes())
+    key.chmod(0)
+    try:
+        with pytest.raises(WebConfigError, match=r"tls_server_config\.key_file: cannot read .*Permission denied"):
+            load_web_config(write_config(tmp_path, "tls_server_config:\n  cert_file: {c}\n  key_file: {k}\n",
+                                         c=pki["server_crt"], k=key))
+    finally:
+        key.chmod(0o600)
+
+
+# --- the documented example ------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "security.md"
+DOC_PASSWORD = "example-only-change-me"
+
+
+def docs_example(pki: dict[str, Path], tmp_path: Path) -> Path:
+    """The quick-start web-config.yml from docs/security.md, next to copies of the test cert and key."""
+    blocks = DOCS.read_text().split("```yaml\n")[1:]
+    example = next(b.split("```")[0] for b in blocks if "basic_auth_users:" in b)
+    example = "\n".join(line[3:] if line.startswith("   ") else line for line in example.splitlines())
+    for name in ("server.crt", "server.key"):
+        shutil.copy(pki[name.replace(".", "_")], tmp_path / name)
+    path = tmp_path / "web-config.yml"
+    path.write_text(example + "\n")
+    return path
+
+
+def test_documented_example_works(pki: dict[str, Path], tmp_path: Path) -> None:
+    sec = load_web_config(str(docs_example(pki, tmp_path)))
+    assert sec.ssl_context is not None and sec.headers["X-Frame-Options"] == "deny"
+    with serve(sec) as port:
+        assert get(port, client_context(pki), ("prometheus", DOC_PASSWORD)).status == 200
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_accepts_the_documented_example(pki: dict[str, Path], tmp_path: Path) -> None:
+    path = docs_example(pki, tmp_path)
+    run = subprocess.run(["promtool", "check", "web-config", str(path)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stdout + run.stderr
