@@ -91,3 +91,10 @@ def test_cli_without_nvml_exits_2_and_suggests_simulate(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--simulate" in lines[0]
+
+
+def test_sources_doc_is_generated_from_the_models():
+    from wattson.sourcedoc import render
+
+    assert (ROOT / "docs" / "sources.md").read_text() == render(), \
+        "docs/sources.md drifted: run `PYTHONPATH=exporter python -m wattson.sourcedoc > docs/sources.md`"

@@ -22,7 +22,7 @@ class HttpSourceConfigBase(SourceConfigBase):
     """Keys every web API source accepts. API keys come from env or file, never inline."""
 
     base_url: str = Field(description="API root; point it at a proxy, mirror or test server.")
-    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120, description="HTTP timeout per request.")
     api_key_env: str | None = Field(default=None, description="Environment variable holding the API key.")
     api_key_file: str | None = Field(default=None, description="File holding the API key.")
 

@@ -35,7 +35,7 @@ GB_ZONE_LABELS = ("GB", "UK")
 class Config(SourceConfigBase):
     type: Literal["ukcarbonintensity"]
     base_url: str = Field(default=DEFAULT_BASE_URL, description="API root; point it at a proxy or test server.")
-    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120, description="HTTP timeout per request.")
     region_id: int | None = Field(
         default=None, ge=1, le=17,
         description="Regional forecast for this region id (1-14 DNO regions, 15 England, 16 Scotland, 17 Wales); "

@@ -46,7 +46,7 @@ OPTIONAL_FAILURES = ("http_4xx", "auth", "rate_limited", "http_5xx", "timeout", 
 class Config(SourceConfigBase):
     type: Literal["watttime"]
     base_url: str = Field(default=DEFAULT_BASE_URL, description="API root; point it at a proxy or test server.")
-    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120, description="HTTP timeout per request.")
     username: str = Field(min_length=1, description="WattTime API username.")
     password_env: str | None = Field(default="WATTTIME_PASSWORD",
                                      description="Environment variable holding the WattTime password.")

@@ -82,6 +82,15 @@ def _mig_weights(processes: Sequence[GpuProcess]) -> list[Fraction]:
     return weights
 
 
+def integer_weights(weights: Sequence[Fraction | int]) -> list[int]:
+    """The same proportions as integers (scaled by the common denominator), for fast splitting."""
+    if all(type(w) is int for w in weights):
+        return list(weights)  # type: ignore[arg-type]
+    fractions = [Fraction(w) for w in weights]
+    scale = math.lcm(*(f.denominator for f in fractions))
+    return [f.numerator * (scale // f.denominator) for f in fractions]
+
+
 def split_exact(total: float, weights: Sequence[Fraction | int]) -> list[float]:
     """Split `total` in proportion to `weights` so the parts add up to exactly `total`.
 
@@ -91,19 +100,21 @@ def split_exact(total: float, weights: Sequence[Fraction | int]) -> list[float]:
     n = len(weights)
     if n == 0:
         raise ValueError("split_exact: no weights")
-    weight_sum = sum((Fraction(w) for w in weights), Fraction(0))
-    if weight_sum <= 0 or any(w < 0 for w in weights):
+    ints = integer_weights(weights)
+    weight_sum = sum(ints)
+    if weight_sum <= 0 or any(w < 0 for w in ints):
         raise ValueError(f"split_exact: weights must be >= 0 with a positive sum, got {list(weights)!r}")
     if total == 0.0:
         return [0.0] * n
     if not math.isfinite(total):
-        return [total * float(Fraction(w) / weight_sum) for w in weights]
+        return [total * (w / weight_sum) for w in ints]
     units, exponent = _units(abs(total))
-    exact = [Fraction(units) * Fraction(w) / weight_sum for w in weights]
-    parts = [math.floor(e) for e in exact]
+    # part i is units * w_i / W: its floor, plus one more unit for the largest remainders
+    quotients = [divmod(units * w, weight_sum) for w in ints]
+    parts = [q for q, _ in quotients]
     left = units - sum(parts)
     # Largest remainder first; ties go to the earlier part so the result is deterministic.
-    for i in sorted(range(n), key=lambda k: (-(exact[k] - parts[k]), k))[:left]:
+    for i in sorted(range(n), key=lambda k: (-quotients[k][1], k))[:left]:
         parts[i] += 1
     sign = -1.0 if total < 0 else 1.0
     return [sign * math.ldexp(float(p), exponent) if p else 0.0 for p in parts]

@@ -26,7 +26,14 @@ from ..accounting import StepCharge
 from ..config import WorkloadsConfig
 from ..energy import EnergyStep
 from ..gpu.base import GpuReading
-from .attribution import METHOD_IDLE, METHOD_UNATTRIBUTED, ExactSum, process_weights, split_exact
+from .attribution import (
+    METHOD_IDLE,
+    METHOD_UNATTRIBUTED,
+    ExactSum,
+    integer_weights,
+    process_weights,
+    split_exact,
+)
 from .cgroup import (
     DEFAULT_POD_METADATA_FILES,
     PodMetadata,
@@ -119,7 +126,7 @@ class WorkloadTracker:
         amount and to the grams of `charge` (facility energy x price / intensity)."""
         method, weighted = self._weights(reading)
         workloads = [w for w, _ in weighted]
-        weights = [wt for _, wt in weighted]
+        weights = integer_weights([wt for _, wt in weighted])
         energy = split_exact(step.joules, weights)
         costs = [(currency, split_exact(amount, weights)) for currency, amount in charge.cost]
         grams = split_exact(charge.co2e_grams, weights)
