@@ -244,16 +244,16 @@ def machine_info() -> dict[str, object]:
                 mem_total = int(line.split()[1]) * 1024
     except OSError:
         pass
-    virt = None
+    virt = []
     if shutil.which("systemd-detect-virt"):
         out = subprocess.run(["systemd-detect-virt"], capture_output=True, text=True)
-        virt = out.stdout.strip() or None
-    if virt is None:
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-            virt = "virtual machine (hypervisor flag set)" if " hypervisor" in flags else "none detected"
-        except OSError:
-            pass
+        if out.stdout.strip() and out.stdout.strip() != "none":
+            virt.append(out.stdout.strip())
+    try:
+        if " hypervisor" in Path("/proc/cpuinfo").read_text():
+            virt.append("CPU reports a hypervisor (virtual machine)")
+    except OSError:
+        pass
     return {
         "cpu_model": cpu_model,
         "logical_cpus": os.cpu_count(),
@@ -261,7 +261,7 @@ def machine_info() -> dict[str, object]:
         "ram_bytes": mem_total,
         "kernel": platform.release(),
         "os": _os_release(),
-        "virtualization": virt,
+        "virtualization": "; ".join(virt) or "none detected",
     }
 
 

@@ -165,7 +165,8 @@ def run(window_seconds: float = 3600.0, trials: int = 20, seed: int = 5,
         progress: Callable[[str], None] = print) -> dict[str, Any]:
     rng = random.Random(seed)
     out: dict[str, Any] = {"window_seconds": window_seconds, "trials": trials, "seed": seed,
-                           "jitter_seconds": JITTER_SECONDS, "scrape_interval_seconds": SCRAPE_INTERVAL_SECONDS,
+                           "jitter_seconds": JITTER_SECONDS,
+                           "scrape_interval_seconds": SCRAPE_INTERVAL_SECONDS,
                            "methods": {k: METHOD_LABELS[k] for k in METHODS}, "profiles": []}
     for profile in PROFILES:
         per_method: dict[str, list[float]] = {k: [] for k in METHODS}
@@ -175,7 +176,8 @@ def run(window_seconds: float = 3600.0, trials: int = 20, seed: int = 5,
         summary = {k: {"mean_error_pct": statistics.fmean(v),
                        "median_abs_error_pct": statistics.median(abs(x) for x in v),
                        "max_abs_error_pct": max(abs(x) for x in v)} for k, v in per_method.items()}
-        out["profiles"].append({"name": profile.name, "mean_watts": profile.energy(profile.period) / profile.period,
+        out["profiles"].append({"name": profile.name,
+                                "mean_watts": profile.energy(profile.period) / profile.period,
                                 "errors": summary})
         progress(f"  {profile.name}: " + ", ".join(
             f"{k} max |{s['max_abs_error_pct']:.2f}|%" for k, s in summary.items()))

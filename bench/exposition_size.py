@@ -47,7 +47,7 @@ def series(text: bytes) -> list[str]:
 
 
 def run(gpu_counts: tuple[int, ...] = (1, 8, 64), progress: Callable[[str], None] = print) -> dict[str, Any]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     per_family: dict[str, float] = {}
     for n in gpu_counts:
         text, gz, seconds = render(n)
@@ -58,11 +58,12 @@ def run(gpu_counts: tuple[int, ...] = (1, 8, 64), progress: Callable[[str], None
         progress(f"  {n} GPUs: {len(s)} series, {len(text)} B plain, {len(gz)} B gzip")
     lo, hi = rows[0], rows[-1]
     span = hi["gpus"] - lo["gpus"]
-    per_gpu = {k: (hi[k] - lo[k]) / span for k in ("series", "plain_bytes", "gzip_bytes", "gzip_level6_bytes")}
+    keys = ("series", "plain_bytes", "gzip_bytes", "gzip_level6_bytes")
+    per_gpu = {k: (hi[k] - lo[k]) / span for k in keys}
     # Which families the per-GPU series are, from the largest count.
-    text, _gz, _s = render(hi["gpus"])
+    text, _gz, _s = render(int(hi["gpus"]))
     counts = Counter(family_of(line) for line in series(text))
-    text_lo, _gz, _s = render(lo["gpus"])
+    text_lo, _gz, _s = render(int(lo["gpus"]))
     counts_lo = Counter(family_of(line) for line in series(text_lo))
     for fam in sorted(counts):
         delta = (counts[fam] - counts_lo.get(fam, 0)) / span

@@ -78,8 +78,7 @@ class PriceApiFixture:
 
     @property
     def base_url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
     def __enter__(self) -> PriceApiFixture:
         self._thread.start()

@@ -20,6 +20,7 @@ from .loadgen import PROMETHEUS_ACCEPT
 
 TARGET_RSS_BYTES = 60 * 1024 * 1024
 MiB = 1024 * 1024
+OCTOPUS_UP = 'wattson_source_up{source="octopus"} 1.0'
 
 
 def _scraper(port: int, stop: threading.Event, counts: dict[str, int]) -> None:
@@ -96,7 +97,7 @@ def run(minutes: float = 30.0, gpus: int = 8, hz: float = 10.0, sample_every_sec
         if fixture is not None:
             fixture.__exit__(None, None, None)
     half = [p for p in points if p[0] >= elapsed / 2]
-    out = {
+    out: dict[str, Any] = {
         "minutes": elapsed / 60, "gpus": gpus, "hz": hz, "sample_every_seconds": sample_every,
         "scrapes_ok": counts["ok"], "scrapes_failed": counts["failed"],
         "rss_after_start_bytes": rss0, "rss_end_bytes": rss_end, "rss_peak_bytes": hwm,
@@ -105,10 +106,12 @@ def run(minutes: float = 30.0, gpus: int = 8, hz: float = 10.0, sample_every_sec
         "fit_all": _fit(points), "fit_second_half": _fit(half),
         "samples": [[round(t, 1), r] for t, r in points],
         "grid": "octopus HTTP price source (local fixture) + static" if use_http else "static sources",
+        "http_source_up_at_end": (OCTOPUS_UP in seq_text) if use_http else None,
         "series_at_end": sum(1 for line in seq_text.splitlines() if line and not line.startswith("#")),
     }
     out["target_met"] = hwm < TARGET_RSS_BYTES and not out["fit_second_half"]["growth_significant"]
-    progress(f"  memory: RSS {rss0 / MiB:.1f} MiB at start, {rss_end / MiB:.1f} MiB after {elapsed / 60:.1f} min "
+    progress(f"  memory: RSS {rss0 / MiB:.1f} MiB at start, {rss_end / MiB:.1f} MiB after {elapsed / 60:.1f} "
+             "min "
              f"(peak {hwm / MiB:.1f} MiB), second-half slope "
              f"{out['fit_second_half']['slope_bytes_per_hour'] / 1024:.1f} KiB/h")
     return out

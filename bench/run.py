@@ -32,15 +32,19 @@ SECTIONS = ("exposition", "energy", "sampler", "scrape", "memory")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="Small counts (smoke test), not the issue's numbers.")
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="Markdown report to (re)write.")
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
+                   help="Markdown report to (re)write.")
     p.add_argument("--json", dest="json_path", help="Also write the raw results here (after every section).")
     p.add_argument("--reuse", help="Take the sections not run now from this earlier --json file.")
     p.add_argument("--only", help=f"Comma-separated sections to run, of: {', '.join(SECTIONS)}.")
+    p.add_argument("--render-from", metavar="JSON",
+                   help="Run nothing: rewrite the report from an earlier --json file.")
     p.add_argument("--memory-minutes", type=float, help="Length of the memory run (default 30, quick 0.2).")
     p.add_argument("--requests", type=int, help="Requests per scrape-latency run (default 2000, quick 100).")
     p.add_argument("--loop-seconds", type=float, help="Sampler loop duration (default 30, quick 2).")
     p.add_argument("--rounds", type=int, help="Back-to-back sampling rounds (default 5000, quick 200).")
-    p.add_argument("--energy-trials", type=int, help="Random phases per energy profile (default 20, quick 2).")
+    p.add_argument("--energy-trials", type=int,
+                   help="Random phases per energy profile (default 20, quick 2).")
     p.add_argument("--energy-window", type=float, help="Energy window in seconds (default 3600, quick 300).")
     return p.parse_args(argv)
 
@@ -54,6 +58,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "memory_minutes": pick(args.memory_minutes, 30.0, 0.2),
         "requests": pick(args.requests, 2000, 100),
+        "warmup_per_scraper": 20 if not q else 3,
         "loop_seconds": pick(args.loop_seconds, 30.0, 2.0),
         "rounds": pick(args.rounds, 5000, 200),
         "energy_trials": pick(args.energy_trials, 20, 2),
@@ -73,7 +78,8 @@ def run_section(name: str, s: dict[str, Any]) -> dict[str, Any]:
     if name == "energy":
         from bench import energy_accuracy
 
-        return energy_accuracy.run(window_seconds=s["energy_window"], trials=s["energy_trials"], progress=progress)
+        return energy_accuracy.run(window_seconds=s["energy_window"], trials=s["energy_trials"],
+                                   progress=progress)
     if name == "sampler":
         from bench import sampler_cost
 
@@ -81,7 +87,7 @@ def run_section(name: str, s: dict[str, Any]) -> dict[str, Any]:
     if name == "scrape":
         from bench import scrape_latency
 
-        return scrape_latency.run(requests=s["requests"], progress=progress)
+        return scrape_latency.run(requests=s["requests"], warmup=s["warmup_per_scraper"], progress=progress)
     if name == "memory":
         from bench import memory
 
@@ -91,6 +97,15 @@ def run_section(name: str, s: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render_from:
+        try:
+            saved = json.loads(Path(args.render_from).read_text())
+        except (OSError, ValueError) as exc:
+            print(f"bench/run.py: error: --render-from {args.render_from}: {exc}", file=sys.stderr)
+            return 2
+        Path(args.out).write_text(report.render(saved))
+        progress(f"wrote {args.out} from {args.render_from}")
+        return 0
     only = SECTIONS if not args.only else tuple(x.strip() for x in args.only.split(",") if x.strip())
     unknown = [x for x in only if x not in SECTIONS]
     if unknown:

@@ -81,7 +81,7 @@ def run(requests: int = 2000, concurrencies: tuple[int, ...] = (1, 16), gpu_coun
     use_http = http_price_source_available()
     out: dict[str, Any] = {
         "requests": requests, "concurrencies": list(concurrencies), "encodings": list(encodings),
-        "gpu_counts": list(gpu_counts), "sampler_interval_seconds": 1.0,
+        "gpu_counts": list(gpu_counts), "sampler_interval_seconds": 1.0, "warmup_per_scraper": warmup,
         "grid": ("carbon: static; price: octopus HTTP source against a local fixture server, static fallback"
                  if use_http else
                  "carbon: static; price: static (no HTTP price source registered in this build)"),

@@ -161,3 +161,28 @@ def test_errors_are_pynvmls_own_classes(monkeypatch):
     clock.advance(1)
     sampler.sample_round()
     assert dict(gpu(sampler, 0).errors) == {"unknown": 1}
+
+
+def test_processes_are_read_only_when_workloads_ask(monkeypatch):
+    from types import SimpleNamespace
+
+    fake = FakeGpu(0, power=constant(300))
+    clock, _driver, sampler = setup(monkeypatch, [fake])
+    procs = [SimpleNamespace(pid=4242, usedGpuMemory=2 * 1024**3, gpuInstanceId=0xFFFFFFFF,
+                             computeInstanceId=0xFFFFFFFF)]
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetComputeRunningProcesses", lambda h: procs, raising=False)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetProcessUtilization",
+                        lambda h, ts: (_ for _ in ()).throw(pynvml.NVMLError_NotFound()), raising=False)
+    reading = sampler.workers[0].device.read()
+    assert reading.processes is None  # workloads off: NVML is not asked
+    sampler.backend.collect_processes = True
+    reading = sampler.workers[0].device.read()
+    assert [p.pid for p in reading.processes] == [4242]
+    assert reading.processes[0].used_memory_bytes == 2 * 1024**3
+    fake.lost = True
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetComputeRunningProcesses",
+                        lambda h: (_ for _ in ()).throw(pynvml.NVMLError_GpuIsLost()), raising=False)
+    fake.lost = False  # only the process call fails: the read fails as gpu_lost, like any serious error
+    clock.advance(1)
+    sampler.sample_round()
+    assert dict(gpu(sampler, 0).errors).get("gpu_lost") == 1

@@ -3,6 +3,8 @@ Slurm, bare processes; user names; pod metadata; the (pid, start time) cache, PI
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -72,6 +74,10 @@ def test_v1_slurm_owner_comes_from_the_path_even_if_the_process_runs_as_someone_
     ("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0123456789abcdef0123456789abcdef.slice/"
      "cri-containerd-" + "12" * 32 + ".scope", "pod", "0123456789abcdef0123456789abcdef"),  # static pod hash
     ("0::/slurm_node07/uid_1000/job_77/step_batch/task_0", "slurm_job", "77"),
+    # read from inside a private cgroup namespace: paths outside it are shown relative to its root
+    ("0::/../../kubepods-besteffort.slice/kubepods-besteffort-pod11111111_2222_3333_4444_555555555555.slice/"
+     "cri-containerd-" + "34" * 32 + ".scope", "pod", "11111111-2222-3333-4444-555555555555"),
+    ("0::/../../system.slice/docker-" + "56" * 32 + ".scope", "container", "56" * 6),
     ("0::/user.slice/user-1000.slice/user@1000.service/app.slice/app-" + "9" * 20 + ".scope", None, ""),
     ("0::/", None, ""),
     ("", None, ""),
@@ -119,7 +125,6 @@ def test_passwd_file_changes_are_picked_up_after_the_retry_delay(tmp_path):
     names = UserNames(passwd_file=str(passwd), clock=lambda: now[0])
     assert names.name(2000) == "2000"
     passwd.write_text("root:x:0:0::/:/bin/sh\nnewuser:x:2000:2000::/:/bin/sh\n")
-    import os
     os.utime(passwd, (1, 1))  # a different mtime than before, whatever the filesystem's resolution
     assert names.name(2000) == "2000"  # a miss is cached for a while
     now[0] = UserNames.RETRY_SECONDS + 1
@@ -129,9 +134,8 @@ def test_passwd_file_changes_are_picked_up_after_the_retry_delay(tmp_path):
 def test_pod_metadata_from_runtime_labels_and_docker_config(tmp_path):
     cid = "ab" * 32
     (tmp_path / cid).mkdir()
-    (tmp_path / cid / "config.v2.json").write_text(
-        '{"ID": "%s", "Config": {"Labels": {"io.kubernetes.pod.name": "web-1", '
-        '"io.kubernetes.pod.namespace": "shop"}}}' % cid)
+    (tmp_path / cid / "config.v2.json").write_text(json.dumps(
+        {"ID": cid, "Config": {"Labels": {"io.kubernetes.pod.name": "web-1", "io.kubernetes.pod.namespace": "shop"}}}))
     pods = PodMetadata((str(tmp_path / "{id}" / "config.v2.json"),))
     assert pods.lookup(cid) == ("web-1", "shop")
     assert pods.lookup("cd" * 32) is None

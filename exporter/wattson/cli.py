@@ -73,7 +73,7 @@ def build_backend(cfg: Config) -> GpuBackend:
         from .gpu.simulated import SimulatedBackend
 
         s = cfg.gpu.simulated
-        return SimulatedBackend(s.count, s.model, list(s.profiles), s.seed, s.energy_counter)
+        return SimulatedBackend(s.count, s.model, list(s.profiles), s.seed, s.energy_counter, jobs=s.jobs)
     from .gpu.nvml import NvmlBackend
 
     return NvmlBackend()

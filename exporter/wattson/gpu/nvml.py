@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..workloads.nvml_processes import read_processes
 from .base import BackendUnavailable, GpuDevice, GpuIdentity, GpuReadError, GpuReading
 
 try:
@@ -127,6 +128,7 @@ class NvmlDevice:
         self.utilization_supported = True
         self.memory_supported = True
         self.memory_v2 = getattr(pynvml, "nvmlMemory_v2", None) is not None
+        self._processes_since_us = 0  # NVML process-utilization samples newer than this are unread
 
     @property
     def handle(self) -> Any:
@@ -214,6 +216,15 @@ class NvmlDevice:
             if rates is not None:
                 utilization = min(1.0, max(0.0, int(rates.gpu) / 100.0))
 
+        processes = None
+        if self._backend.collect_processes:
+            try:
+                processes, self._processes_since_us = read_processes(pynvml, handle, self._processes_since_us)
+            except Exception as exc:
+                if not _is_nvml_error(exc):
+                    raise
+                raise self._error("nvmlDeviceGetComputeRunningProcesses", exc) from None
+
         return GpuReading(
             timestamp=timestamp,
             monotonic=mono,
@@ -223,6 +234,7 @@ class NvmlDevice:
             memory_used_bytes=used_bytes,
             memory_total_bytes=total_bytes,
             utilization_ratio=utilization,
+            processes=processes,
         )
 
     def _read_memory(self, handle: Any) -> tuple[int | None, int | None]:
@@ -258,6 +270,8 @@ class NvmlBackend:
 
     name = "nvml"
     simulated = False
+    # Per-workload attribution (off by default) asks each read for the GPU's compute processes too.
+    collect_processes = False
 
     def __init__(self, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
