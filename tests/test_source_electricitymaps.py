@@ -182,18 +182,25 @@ def test_validation_errors(server: FixtureServer, override: dict[str, str], reas
 
 
 def test_http_500(server: FixtureServer) -> None:
-    err = fetch_error(server, ok_routes(history=em("error_500.json", 500)))
-    assert err.reason == "http_5xx" and "/v3/carbon-intensity/history" in str(err) and "500" in str(err)
+    err = fetch_error(server, ok_routes(latest=em("error_500.json", 500)))
+    assert err.reason == "http_5xx" and "/v3/carbon-intensity/latest" in str(err) and "500" in str(err)
+
+
+def test_history_failing_only_costs_past_hours(server: FixtureServer) -> None:
+    serve(server, ok_routes(history=em("error_500.json", 500)))
+    result = make(server).fetch(NOW)
+    assert "history" in result.notes and "http_5xx" in result.notes["history"]
+    assert result.intervals  # latest and forecast still serve
 
 
 def test_429_carries_retry_after(server: FixtureServer) -> None:
-    err = fetch_error(server, ok_routes(history=em("error_429.json", 429, **{"Retry-After": "120"})))
+    err = fetch_error(server, ok_routes(latest=em("error_429.json", 429, **{"Retry-After": "120"})))
     assert err.reason == "rate_limited"
     assert err.retry_after == 120.0
 
 
 def test_401_with_echoed_key_is_redacted(server: FixtureServer) -> None:
-    err = fetch_error(server, ok_routes(history=em("error_401.json", 401)))
+    err = fetch_error(server, ok_routes(latest=em("error_401.json", 401)))
     assert err.reason == "auth"
     assert "<redacted>" in str(err)
 
@@ -209,9 +216,9 @@ def test_timeout(server: FixtureServer, monkeypatch: pytest.MonkeyPatch) -> None
     # The client gives up after 0.1 s, so the server's late answer hits a closed socket: expected, keep it quiet.
     monkeypatch.setattr(server._httpd, "handle_error", lambda request, client_address: None)
     started = time.monotonic()
-    err = fetch_error(server, ok_routes(history=slow), timeout_seconds=0.1)
+    err = fetch_error(server, ok_routes(latest=slow), timeout_seconds=0.1)
     assert time.monotonic() - started < 0.3
-    assert err.reason == "timeout" and "/v3/carbon-intensity/history" in str(err)
+    assert err.reason == "timeout" and "/v3/carbon-intensity/latest" in str(err)
     assert answered.wait(2)
     time.sleep(0.05)  # let the late write fail while handle_error is still silenced
 

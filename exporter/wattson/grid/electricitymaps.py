@@ -122,14 +122,22 @@ class ElectricityMapsSource:
 
     def fetch(self, now: float) -> FetchResult:
         by_start: dict[float, Interval] = {}
-        path, body = self._get("history")
-        for interval in self._series(path, body, "history", forecast=False):
-            by_start[interval.start] = interval
+        notes: dict[str, str] = {"emission_factor_type": self.cfg.emission_factor_type}
+        # `latest` is the one endpoint every plan has; history only fills in past hours, so a plan or
+        # mirror without it costs those hours, not the signal.
         path, body = self._get("latest")
         latest = self._entry(body, f"GET {path}", forecast=False)
+        try:
+            path, body = self._get("history")
+        except SourceError as exc:
+            if exc.reason not in OPTIONAL_FAILURES:
+                raise
+            notes["history"] = f"unavailable ({exc.reason}): {exc}"
+        else:
+            for interval in self._series(path, body, "history", forecast=False):
+                by_start[interval.start] = interval
         if latest is not None:
             by_start[latest.start] = latest  # fresher than the same hour in history
-        notes: dict[str, str] = {"emission_factor_type": self.cfg.emission_factor_type}
         if self.cfg.use_forecast:
             try:
                 path, body = self._get("forecast")
