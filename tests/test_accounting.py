@@ -100,14 +100,17 @@ def test_live_source_fails_then_fallback_serves_then_recovery_switches_back():
     def active() -> str | None:
         return [s for s in sampler.snapshot.signals if s.signal == "carbon"][0].source
 
+    def index() -> int | None:
+        return [s for s in sampler.snapshot.signals if s.signal == "carbon"][0].source_index
+
     run_for(sampler, clock, 300, 1)
-    assert active() == "live"
+    assert active() == "live" and index() == 0
     grams_before = sampler.snapshot.gpus[0].account.co2e_grams
     assert grams_before == pytest.approx(300 * 1000 / 3.6e6 * 200)
 
     live.error = SourceError("http_5xx", "live: GET /v3: HTTP 500")
     run_for(sampler, clock, 1200, 1, between=lambda _: carbon.poll_due())
-    assert active() == "bundled"
+    assert active() == "bundled" and index() == 1
     # every second was counted once: 300 s at 200 g, then live data served until it was 600 s old, then 400 g.
     status = {s.source: s for s in sampler.snapshot.sources}
     assert status["live"].up is False and dict(status["live"].errors)["http_5xx"] >= 1

@@ -98,3 +98,8 @@ def test_sources_doc_is_generated_from_the_models():
 
     assert (ROOT / "docs" / "sources.md").read_text() == render(), \
         "docs/sources.md drifted: run `PYTHONPATH=exporter python -m wattson.sourcedoc > docs/sources.md`"
+
+
+def test_simulated_demo_config_is_valid():
+    cfg = parse_config((ROOT / "docs" / "wattson.simulated.yml").read_text(), "simulated")
+    assert cfg.gpu.backend == "simulated" and cfg.workloads.enabled

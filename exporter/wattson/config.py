@@ -252,8 +252,8 @@ def format_validation_error(exc: ValidationError, source: str, text: str = "") -
         msg = "unknown key (check spelling; see docs/configuration.md)"
     elif err["type"] == "missing":
         msg = "required key is missing"
-    elif "input" in err and err["type"] not in ("model_type", "dict_type"):
-        msg = f"{msg} (got {err['input']!r})"
+    elif "input" in err and isinstance(err["input"], (str, int, float, bool)):
+        msg = f"{msg} (got {err['input']!r})"  # scalars only: a whole mapping would not fit one line
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return f"{where}: {path}: {msg}{more}"
 

@@ -119,6 +119,9 @@ def _grid_metrics(snap: Snapshot) -> Iterator[Metric]:
                              labels=["signal", "zone", "source", "estimated"])
     age = GaugeMetricFamily("wattson_grid_signal_age_seconds", "Seconds since the data serving the signal "
                             "was fetched.", labels=["signal", "zone"])
+    index = GaugeMetricFamily("wattson_grid_signal_source_index", "Position in the configured fallback chain of "
+                              "the source serving the signal now: 0 = preferred, more = a fallback.",
+                              labels=["signal", "zone"])
     for s in snap.signals:
         if s.value is None:
             continue
@@ -129,7 +132,9 @@ def _grid_metrics(snap: Snapshot) -> Iterator[Metric]:
         info.add_metric([s.signal, s.zone, s.source or "", "true" if s.estimated else "false"], 1)
         if s.age_seconds is not None:
             age.add_metric([s.signal, s.zone], max(0.0, s.age_seconds))
-    yield from (intensity, price, info, age)
+        if s.source_index is not None:
+            index.add_metric([s.signal, s.zone], s.source_index)
+    yield from (intensity, price, info, age, index)
     up = GaugeMetricFamily("wattson_source_up", "1 if the last fetch from this grid source succeeded.",
                            labels=["source"])
     errors = CounterMetricFamily("wattson_source_errors", "Failed or rejected grid source fetches by reason.",

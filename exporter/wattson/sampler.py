@@ -291,6 +291,7 @@ def grid_now(grid: GridSignals, now: float) -> tuple[tuple[SignalNow, ...], tupl
             value=v.value if v else None, currency=v.currency if v else None,
             source=v.source if v else None, estimated=bool(v and (v.interval.estimated or v.interval.forecast)),
             age_seconds=(now - v.fetched_at) if v else None,
+            source_index=v.source_index if v else None,
         ))
         for st in state.statuses:
             # The same provider may serve both signals; its health is the worse of the two.

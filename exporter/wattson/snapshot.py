@@ -30,6 +30,7 @@ class SignalNow:
     source: str | None
     estimated: bool
     age_seconds: float | None
+    source_index: int | None = None  # position of `source` in the chain; > 0 means a fallback serves
 
 
 @dataclass(frozen=True)

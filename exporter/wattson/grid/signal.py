@@ -82,6 +82,7 @@ class Value:
     interval: Interval
     currency: str | None
     fetched_at: float
+    source_index: int = 0  # position in the fallback chain; 0 = the preferred source
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,12 @@ class ChainState:
     def value_at(self, t: float, now: float) -> Value | None:
         """The value in force at `t` from the first source of the chain whose data covers `t` and is
         fresh (fetched within max_age of `now`)."""
-        for name, cache in zip(self.sources, self.caches, strict=True):
+        for index, (name, cache) in enumerate(zip(self.sources, self.caches, strict=True)):
             if cache is None or now - cache.fetched_at > self.max_age:
                 continue
             iv = cache.at(t)
             if iv is not None:
-                return Value(iv.value, name, iv, cache.currency, cache.fetched_at)
+                return Value(iv.value, name, iv, cache.currency, cache.fetched_at, index)
         return None
 
     def split(self, t0: float, t1: float, now: float) -> list[tuple[float, Value | None]]:
