@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,18 +41,6 @@ def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, CANARY_KEY)
 
 
-@pytest.fixture(scope="module")
-def _shared_server() -> Iterator[FixtureServer]:
-    # One server per module: shutting a FixtureServer down costs up to half a second.
-    with FixtureServer() as server:
-        yield server
-
-
-@pytest.fixture
-def server(_shared_server: FixtureServer) -> FixtureServer:
-    _shared_server.routes.clear()
-    _shared_server.requests.clear()
-    return _shared_server
 
 
 def serve(server: FixtureServer, routes: dict) -> FixtureServer:

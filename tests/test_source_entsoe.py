@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import socket
-import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -34,30 +31,7 @@ def make(server: FixtureServer, monkeypatch: pytest.MonkeyPatch, zone: str = "DE
     return entsoe.build(cfg, zone)
 
 
-def quiet_disconnects(server: FixtureServer) -> None:
-    """The timeout tests hang up before the server answers; that broken pipe is expected, not news."""
-    httpd = server._httpd
-    report = httpd.handle_error
 
-    def handle_error(request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
-            report(request, client_address)
-    httpd.handle_error = handle_error  # type: ignore[method-assign]
-
-
-@pytest.fixture(scope="module")
-def _shared_server() -> Iterator[FixtureServer]:
-    # One server per module: shutting a FixtureServer down costs up to half a second.
-    with FixtureServer() as server:
-        quiet_disconnects(server)
-        yield server
-
-
-@pytest.fixture
-def server(_shared_server: FixtureServer) -> FixtureServer:
-    _shared_server.routes.clear()
-    _shared_server.requests.clear()
-    return _shared_server
 
 
 def serve(server: FixtureServer, body: bytes | str, status: int = 200) -> FixtureServer:

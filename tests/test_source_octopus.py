@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -33,30 +31,7 @@ def utc(*args: int) -> float:
     return datetime(*args, tzinfo=timezone.utc).timestamp()
 
 
-def quiet_disconnects(server: FixtureServer) -> None:
-    """The timeout tests hang up before the server answers; that broken pipe is expected, not news."""
-    httpd = server._httpd
-    report = httpd.handle_error
 
-    def handle_error(request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
-            report(request, client_address)
-    httpd.handle_error = handle_error  # type: ignore[method-assign]
-
-
-@pytest.fixture(scope="module")
-def _shared_server() -> Iterator[FixtureServer]:
-    # One server per module: shutting a FixtureServer down costs up to half a second.
-    with FixtureServer() as server:
-        quiet_disconnects(server)
-        yield server
-
-
-@pytest.fixture
-def server(_shared_server: FixtureServer) -> FixtureServer:
-    _shared_server.routes.clear()
-    _shared_server.requests.clear()
-    return _shared_server
 
 
 def make(server: FixtureServer, base_path: str = "", **kw: Any) -> octopus.OctopusSource:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
@@ -27,18 +26,6 @@ def ci(name: str, status: int = 200, **headers: str) -> Response:
     return json_response(fixture("ukcarbonintensity", name), status, **headers)
 
 
-@pytest.fixture(scope="module")
-def _shared_server() -> Iterator[FixtureServer]:
-    # One server per module: shutting a FixtureServer down costs up to half a second.
-    with FixtureServer() as server:
-        yield server
-
-
-@pytest.fixture
-def server(_shared_server: FixtureServer) -> FixtureServer:
-    _shared_server.routes.clear()
-    _shared_server.requests.clear()
-    return _shared_server
 
 
 def make(server: FixtureServer, zone: str = "GB", **cfg: object) -> uk.UkCarbonIntensitySource:

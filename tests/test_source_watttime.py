@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
@@ -69,18 +68,6 @@ def password(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
 
 
-@pytest.fixture(scope="module")
-def _shared_server() -> Iterator[FixtureServer]:
-    # One server per module: shutting a FixtureServer down costs up to half a second.
-    with FixtureServer() as server:
-        yield server
-
-
-@pytest.fixture
-def server(_shared_server: FixtureServer) -> FixtureServer:
-    _shared_server.routes.clear()
-    _shared_server.requests.clear()
-    return _shared_server
 
 
 def make(server: FixtureServer, clock: FakeClock | None = None, **cfg: object) -> watttime.WattTimeSource:

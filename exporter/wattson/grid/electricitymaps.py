@@ -21,7 +21,7 @@ from pydantic import Field
 
 from ..model import HttpSourceConfigBase
 from .base import FetchResult, Interval, Signal, SourceError
-from .http import HttpClient, parse_iso8601, read_secret, require
+from .http import HttpClient, intensity_value, parse_iso8601, read_secret, require
 
 NAME = "electricitymaps"
 DEFAULT_BASE_URL = "https://api.electricitymap.org"
@@ -29,7 +29,6 @@ DEFAULT_KEY_ENV = "ELECTRICITYMAPS_API_KEY"
 HOUR_SECONDS = 3600.0
 # Data are hourly; 10 min catches a new hour soon enough and stays well inside free-tier quotas.
 DEFAULT_POLL_SECONDS = 600.0
-MAX_GRAMS_PER_KWH = 5000.0
 # Forecast failures that say "not available to you / right now", not "the data are wrong".
 OPTIONAL_FAILURES = ("http_4xx", "auth", "rate_limited", "http_5xx", "timeout", "connection")
 
@@ -42,18 +41,6 @@ class Config(HttpSourceConfigBase):
     emission_factor_type: Literal["lifecycle", "direct"] = Field(
         default="lifecycle", description="lifecycle (incl. upstream emissions) or direct (combustion only).")
     use_forecast: bool = Field(default=True, description="Also fetch the forecast (not available on all plans).")
-
-
-def _intensity(value: Any, where: str) -> float | None:
-    """A gCO2e/kWh value from the API, None when the API says null. Rejects non-numbers and absurd values."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SourceError("malformed", f"{NAME}: {where}: field 'carbonIntensity' is not a number: {value!r}")
-    if not 0 <= value <= MAX_GRAMS_PER_KWH:
-        raise SourceError("invalid_value", f"{NAME}: {where}: field 'carbonIntensity' = {value!r} gCO2e/kWh "
-                                           f"is outside 0..{MAX_GRAMS_PER_KWH:g}")
-    return float(value)
 
 
 class ElectricityMapsSource:
@@ -100,7 +87,7 @@ class ElectricityMapsSource:
             raise SourceError("malformed", f"{NAME}: {where}: expected an object, got {type(entry).__name__}")
         if "zone" in entry:
             self._check_zone(entry, where)
-        value = _intensity(require(entry, "carbonIntensity", NAME, where), where)
+        value = intensity_value(require(entry, "carbonIntensity", NAME, where), NAME, where, "carbonIntensity")
         start = parse_iso8601(require(entry, "datetime", NAME, where), NAME, f"{where}: datetime")
         if value is None:
             return None

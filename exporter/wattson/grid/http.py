@@ -126,6 +126,21 @@ def require(obj: Any, key: str, source: str, where: str) -> Any:
     return obj[key]
 
 
+MAX_GRAMS_PER_KWH = 5000.0  # no grid on Earth is dirtier than pure lignite (~1,100 g/kWh); this is "absurd"
+
+
+def intensity_value(value: Any, source: str, where: str, field_name: str) -> float | None:
+    """A gCO2e/kWh number from an API: None when the API says null; rejects non-numbers and absurd values."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SourceError("malformed", f"{source}: {where}: field '{field_name}' is not a number: {value!r}")
+    if not 0 <= value <= MAX_GRAMS_PER_KWH:
+        raise SourceError("invalid_value", f"{source}: {where}: field '{field_name}' = {value!r} gCO2e/kWh "
+                                           f"is outside 0..{MAX_GRAMS_PER_KWH:g}")
+    return float(value)
+
+
 def parse_iso8601(value: Any, source: str, field_name: str) -> float:
     """ISO 8601 timestamp (with Z or offset) -> UNIX seconds. Naive timestamps are taken as UTC."""
     from datetime import datetime, timezone

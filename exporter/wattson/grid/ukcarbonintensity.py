@@ -22,13 +22,12 @@ from pydantic import Field
 
 from ..model import SourceConfigBase
 from .base import FetchResult, Interval, Signal, SourceError
-from .http import HttpClient, parse_iso8601, require
+from .http import HttpClient, intensity_value, parse_iso8601, require
 
 NAME = "ukcarbonintensity"
 DEFAULT_BASE_URL = "https://api.carbonintensity.org.uk"
 SLOT_SECONDS = 1800.0
 DEFAULT_POLL_SECONDS = 1800.0  # one poll per half-hour slot
-MAX_GRAMS_PER_KWH = 5000.0
 GB_ZONE_LABELS = ("GB", "UK")
 
 
@@ -45,17 +44,6 @@ class Config(SourceConfigBase):
 def api_timestamp(ts: float) -> str:
     """The API's path timestamp format: minutes, UTC, 'Z' suffix."""
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
-
-
-def _number(value: Any, where: str, field_name: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SourceError("malformed", f"{NAME}: {where}: field '{field_name}' is not a number: {value!r}")
-    if not 0 <= value <= MAX_GRAMS_PER_KWH:
-        raise SourceError("invalid_value", f"{NAME}: {where}: field '{field_name}' = {value!r} gCO2/kWh "
-                                           f"is outside 0..{MAX_GRAMS_PER_KWH:g}")
-    return float(value)
 
 
 class UkCarbonIntensitySource:
@@ -108,11 +96,11 @@ class UkCarbonIntensitySource:
         if end <= start:
             raise SourceError("invalid_value", f"{NAME}: {where}: 'to' is not after 'from'")
         intensity = require(period, "intensity", NAME, where)
-        forecast = _number(require(intensity, "forecast", NAME, f"{where}: intensity"),
+        forecast = intensity_value(require(intensity, "forecast", NAME, f"{where}: intensity"), NAME,
                            where, "intensity.forecast")
         actual = None
         if self.region_id is None:  # the regional answer has no 'actual'
-            actual = _number(intensity.get("actual"), where, "intensity.actual")
+            actual = intensity_value(intensity.get("actual"), NAME, where, "intensity.actual")
         if actual is not None:
             return Interval(start, end, actual, estimated=False, forecast=False)
         if forecast is not None:
