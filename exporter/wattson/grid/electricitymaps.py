@@ -107,34 +107,28 @@ class ElectricityMapsSource:
                 out.append(interval)
         return out
 
-    def fetch(self, now: float) -> FetchResult:
-        by_start: dict[float, Interval] = {}
-        notes: dict[str, str] = {"emission_factor_type": self.cfg.emission_factor_type}
-        # `latest` is the one endpoint every plan has; history only fills in past hours, so a plan or
-        # mirror without it costs those hours, not the signal.
-        path, body = self._get("latest")
-        latest = self._entry(body, f"GET {path}", forecast=False)
+    def _optional_series(self, kind: str, forecast: bool, notes: dict[str, str]) -> list[Interval]:
+        """History and forecast only add hours around `latest`: a plan, mirror or outage without them
+        costs those hours (noted), not the signal. Bad content still fails the fetch."""
         try:
-            path, body = self._get("history")
+            path, body = self._get(kind)
         except SourceError as exc:
             if exc.reason not in OPTIONAL_FAILURES:
                 raise
-            notes["history"] = f"unavailable ({exc.reason}): {exc}"
-        else:
-            for interval in self._series(path, body, "history", forecast=False):
-                by_start[interval.start] = interval
+            notes[kind] = f"unavailable ({exc.reason}): {exc}"
+            return []
+        return self._series(path, body, kind, forecast=forecast)
+
+    def fetch(self, now: float) -> FetchResult:
+        notes: dict[str, str] = {"emission_factor_type": self.cfg.emission_factor_type}
+        path, body = self._get("latest")  # the one endpoint every plan has
+        latest = self._entry(body, f"GET {path}", forecast=False)
+        by_start = {iv.start: iv for iv in self._optional_series("history", False, notes)}
         if latest is not None:
             by_start[latest.start] = latest  # fresher than the same hour in history
         if self.cfg.use_forecast:
-            try:
-                path, body = self._get("forecast")
-            except SourceError as exc:
-                if exc.reason not in OPTIONAL_FAILURES:
-                    raise
-                notes["forecast"] = f"unavailable ({exc.reason}): {exc}"
-            else:
-                for interval in self._series(path, body, "forecast", forecast=True):
-                    by_start.setdefault(interval.start, interval)  # never replace measured data
+            for interval in self._optional_series("forecast", True, notes):
+                by_start.setdefault(interval.start, interval)  # never replace measured data
         if not by_start:
             raise SourceError("no_data", f"{NAME}: zone {self.api_zone}: history, latest and forecast "
                                          "held no carbonIntensity values")
