@@ -50,7 +50,7 @@ def metric(text: str, name: str, gpu: str) -> float | None:
 
 
 def trapezoid(samples: list[tuple[float, float]]) -> float:
-    return sum((p0 + p1) / 2 * (t1 - t0) for (t0, p0), (t1, p1) in zip(samples, samples[1:]))
+    return sum((p0 + p1) / 2 * (t1 - t0) for (t0, p0), (t1, p1) in zip(samples, samples[1:], strict=False))
 
 
 def load(stop: threading.Event, busy_s: float, idle_s: float) -> None:
@@ -137,7 +137,8 @@ def main() -> int:
         nvml_j = (e1_nvml - e0_nvml) / 1000
         direct_j = trapezoid(power)
         gauge_15s = gauge_1s[::15]
-        cost = (metric(end_text, "wattson_gpu_cost_total", g) or 0) - (metric(start_text, "wattson_gpu_cost_total", g) or 0)
+        cost = ((metric(end_text, "wattson_gpu_cost_total", g) or 0)
+                - (metric(start_text, "wattson_gpu_cost_total", g) or 0))
         grams = ((metric(end_text, "wattson_gpu_co2e_grams_total", g) or 0)
                  - (metric(start_text, "wattson_gpu_co2e_grams_total", g) or 0))
         result = {
