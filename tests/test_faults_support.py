@@ -135,8 +135,10 @@ class Scraper(threading.Thread):
     """
 
     def __init__(self, base: str, period_seconds: float = 0.1, timeout_seconds: float = 5.0,
-                 parse: bool = True) -> None:
+                 parse: bool = True, keep_history: bool = True) -> None:
         super().__init__(name="scraper", daemon=True)
+        self.keep_history = keep_history
+        self.history: list[Metrics] = []
         self.base = base
         self.period = period_seconds
         self.timeout = timeout_seconds
@@ -168,7 +170,19 @@ class Scraper(threading.Thread):
                     if self.first is None:
                         self.first = m
                     self.last = m
+                    if self.keep_history:
+                        self.history.append(m)
             self._stop_event.wait(self.period)
+
+    def since(self, m: Metrics) -> list[Metrics]:
+        """The scrapes from `m` (included) on."""
+        with self._lock:
+            return self.history[next(i for i, h in enumerate(self.history) if h is m):]
+
+    def when(self, condition: Callable[[Metrics], bool]) -> Metrics | None:
+        """The latest scrape if it satisfies `condition`, else None (a wait_for probe)."""
+        m = self.latest()
+        return m if condition(m) else None
 
     def latest(self) -> Metrics:
         with self._lock:
@@ -199,6 +213,10 @@ class Scraper(threading.Thread):
 # ---------------------------------------------------------------------------------------------------
 # Waiting and process state
 # ---------------------------------------------------------------------------------------------------
+
+
+class Abort(Exception):
+    """Raised by a wait_for probe to stop waiting at once: the state can no longer become right."""
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.1) -> T:
@@ -255,7 +273,8 @@ ENTSOE_PATH = "/api"
 # Modes a test can set per API. "ok" serves good data for the current hours.
 MODES = ("ok", "http_500", "http_401", "rate_limited", "hang", "cut", "reset", "truncated_json", "malformed",
          "wrong_zone", "wrong_units", "absurd", "empty", "slowloris",
-         "echo_500", "echo_401", "echo_zone", "echo_value", "echo_boundary", "echo_ack")
+         "echo_500", "echo_401", "echo_zone", "echo_value", "echo_boundary", "echo_ack",
+         "echo_ack_boundary")
 
 
 def _iso(t: float) -> str:
@@ -292,6 +311,7 @@ class GridApi:
 
     def __post_init__(self) -> None:
         self._closing = threading.Event()
+        self._connections: set[socket.socket] = set()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -314,11 +334,16 @@ class GridApi:
         self.refuse()
 
     def refuse(self) -> None:
-        """Stop listening: every new connection is refused until reopen()."""
+        """Stop listening and drop open keep-alive connections: every request fails until reopen()."""
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+        for conn in list(self._connections):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def reopen(self) -> None:
         if self._httpd is None:
@@ -338,15 +363,17 @@ class GridApi:
 
     # -- payloads ---------------------------------------------------------------------------------
 
-    def em_entry(self, start: float, zone: str | None = None, value: Any = None) -> dict[str, Any]:
-        return {"zone": zone or self.zone, "carbonIntensity": self.carbon_grams_per_kwh if value is None else value,
+    def em_entry(self, start: float, zone: str | None = None, value: Any = "default") -> dict[str, Any]:
+        return {"zone": zone or self.zone,
+                "carbonIntensity": self.carbon_grams_per_kwh if value == "default" else value,
                 "datetime": _iso(start), "updatedAt": _iso(time.time()), "createdAt": _iso(start - 86400),
                 "emissionFactorType": "lifecycle", "isEstimated": False, "estimationMethod": None}
 
     def em_body(self, path: str, mode: str, secret: str) -> dict[str, Any]:
         hour = (time.time() // 3600) * 3600
         zone = {"wrong_zone": "FR", "echo_zone": secret}.get(mode, self.zone)
-        value: Any = {"absurd": 250_000.0, "empty": None, "echo_value": f"n/a for {secret}"}.get(mode)
+        faulty: dict[str, Any] = {"absurd": 250_000.0, "empty": None, "echo_value": f"n/a for {secret}"}
+        value = faulty.get(mode, "default")
         if path.endswith("/latest"):
             return self.em_entry(hour, zone, value)
         key = "forecast" if path.endswith("/forecast") else "history"
@@ -361,7 +388,8 @@ class GridApi:
         price: Any = {"absurd": 9.9e9, "echo_value": "n/a"}.get(mode, self.price_eur_per_mwh)
         unit = "Eur/kWh" if mode == "wrong_units" else "Eur/MWh"
         rows = [] if mode == "empty" else [
-            {"start_timestamp": int((hour + k * 3600) * 1000), "end_timestamp": int((hour + (k + 1) * 3600) * 1000),
+            {"start_timestamp": int((hour + k * 3600) * 1000),
+             "end_timestamp": int((hour + (k + 1) * 3600) * 1000),
              "marketprice": price, "unit": unit} for k in range(-24, 24)]
         return {"object": "list", "data": rows, "url": "/at/v1/marketdata" if mode == "wrong_zone"
                 else "/de/v1/marketdata"}
@@ -376,6 +404,17 @@ class GridApi:
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                api_server._connections.add(self.connection)
+
+            def finish(self) -> None:
+                api_server._connections.discard(self.connection)
+                try:
+                    super().finish()
+                except OSError:
+                    pass
 
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)
@@ -466,18 +505,20 @@ class GridApi:
                         time.sleep(s.drip_seconds)
                     self.close_connection = True
                 elif mode == "echo_500":
-                    self._reply(500, json.dumps({"status": "error", "message": f"internal error for key {secret}",
-                                                 "request": self.path}).encode())
+                    body = {"message": f"internal error for key {secret}", "request": self.path}
+                    self._reply(500, json.dumps(body).encode())
                 elif mode == "echo_401":
                     self._reply(401, json.dumps({"message": f"Invalid token '{secret}'",
                                                  "url": self.path}).encode())
                 elif mode == "echo_boundary":
-                    # The key straddles character 160 of the body: where error snippets are cut.
-                    prefix = '{"message": "' + "request rejected; " * 8
-                    prefix += "x" * (150 - len(prefix))
+                    # The key straddles character 160 of the body, where error snippets are cut.
+                    prefix = ('{"message": "' + "request rejected; " * 8)[:140]
                     self._reply(403, (prefix + secret + '"}').encode())
-                elif mode == "echo_ack":
-                    pad = "Invalid security token " + "." * (190 - len("Invalid security token "))
+                elif mode in ("echo_ack", "echo_ack_boundary"):
+                    # echo_ack_boundary: the key straddles character 200 of the text, where it is cut.
+                    pad = "Invalid security token "
+                    if mode == "echo_ack_boundary":
+                        pad += "." * (180 - len(pad))
                     doc = ('<?xml version="1.0" encoding="utf-8"?><Acknowledgement_MarketDocument '
                            'xmlns="urn:iec62325.351:tc57wg16:451-1:acknowledgementdocument:7:0">'
                            f"<Reason><code>999</code><text>{pad}{secret}</text></Reason>"
@@ -505,8 +546,8 @@ def grid_config(api: GridApi, *, timeout_seconds: float = 0.5, max_age_seconds: 
     zone: DE
     max_age_seconds: {max_age_seconds}
     sources:
-      - {{type: electricitymaps, base_url: "{api.base_url}", api_key_env: {em_key_env},
-          use_forecast: false, timeout_seconds: {timeout_seconds}, poll_interval_seconds: {poll_interval_seconds}}}
+      - {{type: electricitymaps, base_url: "{api.base_url}", api_key_env: {em_key_env}, use_forecast: false,
+          timeout_seconds: {timeout_seconds}, poll_interval_seconds: {poll_interval_seconds}}}
       - {{type: static, grams_per_kwh: {STATIC_CARBON}}}
   price:
     zone: DE

@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 
@@ -154,7 +155,8 @@ class App:
             self._start_workloads()
         self.grid.start()
         self.sampler.start()
-        threading.Thread(target=self.server.serve_forever, name="http", daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, name="http",
+                         daemon=True).start()
         log.info("wattson started", extra={"kv": {"version": __version__, "listen": self.cfg.web.listen_address,
                                                   "backend": self.backend.name,
                                                   "gpus": len(self.sampler.workers),
@@ -197,10 +199,16 @@ class App:
         log.info("config reloaded", extra={"kv": {"file": path or "(defaults)"}})
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.sampler.stop()
+        """Clean exit within about a second even with a hung GPU, hanging APIs or stalled clients:
+        every part is told to stop first, then waited for against one short deadline."""
+        deadline = time.monotonic() + 1.0
+        self.sampler.request_stop()
         self.grid.stop()
+        self.server.shutdown()  # returns within serve_forever's 0.1 s poll: the accept loop never blocks
+        self.server.server_close()
+        self.sampler.stop(timeout=max(0.0, deadline - time.monotonic()))
+        if self.sampler.reads_in_flight():
+            return  # a thread is inside the driver: closing NVML under it could crash; the OS cleans up
         try:
             self.backend.close()
         except Exception:  # shutting down: nothing useful left to do with it

@@ -270,13 +270,20 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            # A round waits at most gpu_timeout_seconds for a hung GPU; shutdown does not wait that long.
-            self._thread.join(timeout=1.0)
         for w in self.workers:
             w.stop()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop sampling. A round waits up to gpu_timeout_seconds for a hung GPU; shutdown waits at most
+        `timeout` for it (the threads are daemons)."""
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+
+    def reads_in_flight(self) -> bool:
+        return any(w.busy is not None for w in self.workers)
 
 
 def grid_now(grid: GridSignals, now: float) -> tuple[tuple[SignalNow, ...], tuple[SourceSnapshot, ...]]:

@@ -1,7 +1,9 @@
 """HTTP exposition: /metrics, a landing page, /healthz and /readyz, optionally behind TLS and basic auth.
 
 Each connection gets its own thread with a socket timeout, so a slow or stalled client (or a slow
-TLS handshake) only ever holds its own thread; a semaphore bounds how many run at once.
+TLS handshake) only ever holds its own thread; a semaphore bounds how many run at once. When every
+slot is taken, the connection that has waited longest without sending a request is closed to make
+room, so silent clients can neither starve real scrapers nor block the accept loop (and shutdown).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -39,6 +42,8 @@ class WattsonHTTPServer(ThreadingHTTPServer):
         self.security = security or WebSecurity()
         self.healthy = healthy
         self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_CONNECTIONS)
+        self._idle: dict[Any, float] = {}  # connection -> since when it waits for a request line
+        self._idle_lock = threading.Lock()
         host = address[0]
         if ":" in host:
             self.address_family = socket.AF_INET6
@@ -49,9 +54,36 @@ class WattsonHTTPServer(ThreadingHTTPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
 
+    def mark_idle(self, conn: Any, idle: bool) -> None:
+        with self._idle_lock:
+            if idle:
+                self._idle[conn] = time.monotonic()
+            else:
+                self._idle.pop(conn, None)
+
+    def _evict_idlest(self) -> None:
+        with self._idle_lock:
+            if not self._idle:
+                return
+            conn = min(self._idle, key=self._idle.__getitem__)
+            del self._idle[conn]
+        try:
+            conn.shutdown(socket.SHUT_RDWR)  # its thread sees EOF, ends and frees its slot
+        except OSError:
+            pass
+
     def process_request(self, request: Any, client_address: Any) -> None:
-        # Bounded concurrency: past the limit, connections wait in the kernel's accept backlog.
-        self._slots.acquire()
+        # Bounded concurrency without ever blocking the accept loop for long.
+        if not self._slots.acquire(blocking=False):
+            self._evict_idlest()
+            if not self._slots.acquire(timeout=1.0):
+                try:
+                    request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                    b"Connection: close\r\n\r\n")
+                except OSError:
+                    pass
+                self.shutdown_request(request)
+                return
         try:
             super().process_request(request, client_address)
         except Exception:
@@ -61,16 +93,22 @@ class WattsonHTTPServer(ThreadingHTTPServer):
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             request.settimeout(CLIENT_TIMEOUT_SECONDS)
+            self.mark_idle(request, True)  # a silent client can be evicted even before its TLS handshake
             ctx = self.security.ssl_context
             if ctx is not None:
+                raw = request
                 try:
-                    request = ctx.wrap_socket(request, server_side=True)  # handshake in this thread
+                    request = ctx.wrap_socket(raw, server_side=True)  # handshake in this thread
                 except (ssl.SSLError, OSError) as exc:
                     log.debug("TLS handshake failed", extra={"kv": {"client": client_address[0], "err": exc}})
-                    self.shutdown_request(request)
+                    self.shutdown_request(raw)
                     return
+                finally:
+                    self.mark_idle(raw, False)
+                self.mark_idle(request, True)
             super().process_request_thread(request, client_address)
         finally:
+            self.mark_idle(request, False)
             self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -108,6 +146,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(401, b"Unauthorized\n", "text/plain; charset=utf-8",
                    {"WWW-Authenticate": 'Basic realm="wattson"'})
         return False
+
+    def handle_one_request(self) -> None:
+        self.server.mark_idle(self.connection, True)  # waiting for the (next) request line
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        self.server.mark_idle(self.connection, False)  # a request line arrived: it is being served
+        return super().parse_request()
 
     def do_HEAD(self) -> None:
         self._route(head=True)

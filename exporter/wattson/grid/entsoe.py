@@ -26,7 +26,7 @@ from pydantic import Field, field_validator
 
 from ..model import HttpSourceConfigBase, PriceAdjustments
 from .base import FetchResult, Interval, Signal, SourceError
-from .http import HttpClient, read_secret
+from .http import HttpClient, read_secret, redact
 
 API_PATH = "/api"
 NAME = "entsoe"
@@ -248,9 +248,8 @@ class EntsoeSource:
         if reason is not None:
             code = (_text(reason, "code", "Reason", required=False) or "")
             text = (_text(reason, "text", "Reason", required=False) or "")
-        text = " ".join(text.split())[:200]
-        for s in self.secrets():
-            text = text.replace(s, "<redacted>")
+        # Redact first, then cut: a token straddling the cut must not leave its first characters behind.
+        text = " ".join(redact(text, self.secrets()).split())[:200]
         # The platform uses code 999 for every refusal; only "no matching data" means "not published yet".
         if code == "999" and (not text or "no matching data" in text.lower()):
             return SourceError("no_data", f"{where}: acknowledgement {code}: {text or 'no matching data'}")

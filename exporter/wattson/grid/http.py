@@ -16,11 +16,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 
 from .. import __version__
 from .base import SourceError
 
 USER_AGENT = f"wattson/{__version__} (+https://github.com/wattson-energy/wattson)"
+MAX_BODY_BYTES = 16 * 1024 * 1024  # the largest real answer (a week of ENTSO-E quarter-hours) is ~1 MB
 
 
 def read_secret(source: str, env: str | None, file: str | None, *, required: bool) -> str | None:
@@ -80,18 +82,36 @@ class HttpClient:
                 auth: tuple[str, str] | None = None, ok_statuses: tuple[int, ...] = (200,)) -> requests.Response:
         url = path if path.startswith("http") else f"{self.base_url}/{path.lstrip('/')}"
         where = f"{self.source}: {method} {urlsplit(url).path}"
+        deadline = time.monotonic() + self.timeout
         try:
             resp = self.session.request(method, url, params=params, headers=headers, data=data, auth=auth,
-                                        timeout=self.timeout)
-        except requests.Timeout:
+                                        timeout=self.timeout, stream=True)
+            # requests' timeout bounds each socket read, not the whole answer: a server dripping one byte
+            # at a time would hold this fetch (and its chain) forever. Read against one deadline instead.
+            chunks, size = [], 0
+            while chunk := resp.raw.read1(65536, decode_content=True):  # returns what one socket read gives
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    resp.close()
+                    raise SourceError("malformed", f"{where}: response larger than {MAX_BODY_BYTES} bytes")
+                if time.monotonic() > deadline:
+                    resp.close()
+                    raise SourceError("timeout", f"{where}: response not complete after {self.timeout:g}s")
+            resp._content = b"".join(chunks)
+        except (requests.Timeout, urllib3.exceptions.TimeoutError):
             raise SourceError("timeout", f"{where}: timed out after {self.timeout:g}s") from None
         except requests.ConnectionError as exc:
             raise SourceError("connection", f"{where}: connection failed ({type(exc).__name__})") from None
         except requests.RequestException as exc:
             raise SourceError("connection", f"{where}: request failed ({type(exc).__name__})") from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:  # reading the body ourselves: urllib3's errors
+            raise SourceError("connection", f"{where}: connection failed while reading ({type(exc).__name__})") \
+                from None
         if resp.status_code in ok_statuses:
             return resp
-        snippet = redact(resp.text[:160].replace("\n", " ").strip(), self.secrets)
+        # Redact first, then cut: a key straddling the cut must not leave its first characters behind.
+        snippet = redact(resp.text, self.secrets)[:160].replace("\n", " ").strip()
         msg = f"{where}: HTTP {resp.status_code}" + (f": {snippet}" if snippet else "")
         if resp.status_code == 429:
             raise SourceError("rate_limited", msg,

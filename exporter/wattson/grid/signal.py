@@ -134,7 +134,8 @@ class ChainState:
 
 
 class SignalChain:
-    """Polls the sources of one signal and publishes ChainState snapshots."""
+    """Polls the sources of one signal, each from its own thread (a slow provider never delays its
+    fallback), and publishes ChainState snapshots."""
 
     def __init__(self, signal: Signal, zone: str, max_age: float, sources: list[GridSource],
                  transforms: list[Callable[[float], float]] | None = None,
@@ -153,7 +154,7 @@ class SignalChain:
         self.state = ChainState(signal, zone, max_age, tuple(s.name for s in sources),
                                 tuple(None for _ in sources), tuple(self._statuses))
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._rng = random.Random()
 
     def poll_interval(self, source: GridSource) -> float:
@@ -161,11 +162,14 @@ class SignalChain:
         return min(source.poll_interval_seconds, self.max_age / 2)
 
     def poll_due(self) -> None:
-        """Fetch every source whose time has come. Called by the thread; tests call it directly."""
+        """Fetch every source whose time has come, in turn. Tests call it directly."""
+        for i in range(len(self.sources)):
+            self._poll_if_due(i)
+
+    def _poll_if_due(self, i: int) -> None:
         now = self.clock()
-        for i, source in enumerate(self.sources):
-            if now >= self._next_poll[i]:
-                self._poll(i, source, now)
+        if now >= self._next_poll[i]:
+            self._poll(i, self.sources[i], now)
 
     def _poll(self, i: int, source: GridSource, now: float) -> None:
         try:
@@ -229,21 +233,22 @@ class SignalChain:
             self.state = ChainState(self.signal, self.zone, self.max_age, self.state.sources,
                                     tuple(caches), tuple(statuses))
 
-    def _run(self) -> None:
+    def _run(self, i: int) -> None:
         while not self._stop.is_set():
-            self.poll_due()
-            wait = max(0.2, min(self._next_poll) - self.clock())
+            self._poll_if_due(i)
+            wait = max(0.2, self._next_poll[i] - self.clock())
             self._stop.wait(min(wait, 5.0))
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"grid-{self.signal}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, args=(i,), name=f"grid-{self.signal}-{s.name}",
+                                          daemon=True) for i, s in enumerate(self.sources)]
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
+        """Ask the pollers to stop. A fetch in flight may take up to its timeout; the threads are daemons,
+        so shutdown does not wait for them."""
         self._stop.set()
-        if self._thread is not None:
-            # A fetch in flight may take up to its timeout; the thread is a daemon, so don't wait for it.
-            self._thread.join(timeout=0.5)
 
 
 @dataclass
