@@ -124,6 +124,9 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = f"wattson/{__version__}"
     protocol_version = "HTTP/1.1"
     timeout = CLIENT_TIMEOUT_SECONDS
+    # Headers and body go out in two sends; with Nagle on, a kept-alive scrape waits ~40 ms for the
+    # client's delayed ACK before the body leaves (bench/scrape_latency: p99 4.5x node_exporter's).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # access logs would be one line per scrape; errors are logged where they happen
