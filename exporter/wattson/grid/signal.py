@@ -113,6 +113,9 @@ class ChainState:
         span = t1 - t0
         if span <= 0:
             return [(1.0, self.value_at(t1, now))]
+        first = self.value_at(t0, now)
+        if first is not None and first.source_index == 0 and t1 <= first.interval.end:
+            return [(1.0, first)]  # the usual case: the whole step inside one interval of the preferred source
         pieces: list[tuple[float, Value | None]] = []
         t = t0
         while t < t1:
