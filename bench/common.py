@@ -228,6 +228,14 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> LineFit:
     return LineFit(slope, intercept, stderr, math.sqrt(resid_var), n)
 
 
+def theil_sen_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Median of the slopes between all pairs of points: robust to the steps RSS moves in (pages,
+    allocator arenas), where a least-squares line is pulled by one late step."""
+    slopes = sorted((ys[j] - ys[i]) / (xs[j] - xs[i])
+                    for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i])
+    return percentile(slopes, 50) if slopes else 0.0
+
+
 def machine_info() -> dict[str, object]:
     cpu_model = platform.processor() or "unknown"
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -52,12 +53,14 @@ class PriceApiFixture:
     def __init__(self) -> None:
         fixture = self
         self.requests = 0
+        self.request_times: list[float] = []  # time.monotonic() of each request
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)
                 query = parse_qs(parts.query)
                 fixture.requests += 1
+                fixture.request_times.append(time.monotonic())
                 if parts.path != RATES_PATH or "period_from" not in query or "period_to" not in query:
                     body, status = b'{"detail": "Not found."}', 404
                 else:

@@ -1,20 +1,24 @@
 """Benchmark 4: the daemon's resident memory over a long run at 10 Hz with 8 GPUs and a scrape a second.
 
-RSS is read from /proc/<pid>/status every `sample_every` seconds and a line is fitted to it. Growth
-counts as beyond noise only if, on the second half of the run (the first half includes allocator
-warm-up), the fitted slope's 95% confidence interval excludes zero AND it extrapolates to more than
-1 MiB a day; the slope is extrapolated to a day either way.
+RSS is read from /proc/<pid>/status every `sample_every` seconds. On the second half of the run (the
+first half includes allocator warm-up) two trends are fitted: least squares (with a 95% confidence
+interval) and Theil-Sen (median of pairwise slopes, robust to the page- and arena-sized steps RSS
+moves in). Growth is beyond noise when both say so (least-squares CI excludes zero and both
+extrapolate to more than 1 MiB a day); when they disagree the run is inconclusive, and the target
+is not claimed.
 """
 
 from __future__ import annotations
 
 import http.client
+import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from .common import cpu_seconds, fit_line, http_get, rss_bytes, wattson_daemon
+from .common import cpu_seconds, fit_line, http_get, rss_bytes, theil_sen_slope, wattson_daemon
 from .gridfixture import PriceApiFixture, daemon_config, http_price_source_available
 from .loadgen import PROMETHEUS_ACCEPT
 
@@ -43,15 +47,29 @@ def _scraper(port: int, stop: threading.Event, counts: dict[str, int]) -> None:
     conn.close()
 
 
+def _threads_fds(pid: int) -> tuple[int, int]:
+    """(threads, open file descriptors) of a process: a leak of either shows up here first."""
+    threads = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            threads = int(line.split()[1])
+    return threads, len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def _fit(points: list[tuple[float, int]]) -> dict[str, Any]:
     xs = [t for t, _ in points]
     ys = [float(r) for _, r in points]
     fit = fit_line(xs, ys)
     lo, hi = fit.slope_ci95()
+    robust = theil_sen_slope(xs, ys)
+    ols_growth = lo > 0 and fit.slope * 86400 > MiB
+    robust_growth = robust * 86400 > MiB
     return {"points": len(points), "slope_bytes_per_hour": fit.slope * 3600,
             "slope_ci95_bytes_per_hour": [lo * 3600, hi * 3600],
             "growth_bytes_per_day": fit.slope * 86400, "residual_std_bytes": fit.residual_std,
-            "growth_significant": lo > 0 and fit.slope * 86400 > MiB}
+            "theil_sen_bytes_per_hour": robust * 3600, "theil_sen_growth_bytes_per_day": robust * 86400,
+            "growth_significant": ols_growth and robust_growth,
+            "inconclusive": ols_growth != robust_growth}
 
 
 def run(minutes: float = 30.0, gpus: int = 8, hz: float = 10.0, sample_every_seconds: float = 10.0,
@@ -73,6 +91,7 @@ def run(minutes: float = 30.0, gpus: int = 8, hz: float = 10.0, sample_every_sec
             t0 = time.monotonic()
             scraper.start()
             points: list[tuple[float, int]] = [(0.0, rss0)]
+            threads_fds = [_threads_fds(proc.pid)]
             next_sample = t0 + sample_every
             last_report = t0
             while True:
@@ -83,6 +102,7 @@ def run(minutes: float = 30.0, gpus: int = 8, hz: float = 10.0, sample_every_sec
                 if proc.proc.poll() is not None:
                     raise RuntimeError(f"wattson exited with {proc.proc.returncode} during the memory run")
                 points.append((time.monotonic() - t0, rss_bytes(proc.pid)[0]))
+                threads_fds.append(_threads_fds(proc.pid))
                 next_sample += sample_every
                 if time.monotonic() - last_report >= 300:
                     last_report = time.monotonic()
@@ -93,6 +113,8 @@ def run(minutes: float = 30.0, gpus: int = 8, hz: float = 10.0, sample_every_sec
             rss_end, hwm = rss_bytes(proc.pid)
             cpu = cpu_seconds(proc.pid) - cpu0
             seq_text = http_get(proc.port, "/metrics")[2].decode()
+            fetches = ([round(t - t0, 1) for t in fixture.request_times if t >= t0 - 60]
+                       if fixture is not None else [])
     finally:
         if fixture is not None:
             fixture.__exit__(None, None, None)
@@ -106,10 +128,15 @@ def run(minutes: float = 30.0, gpus: int = 8, hz: float = 10.0, sample_every_sec
         "fit_all": _fit(points), "fit_second_half": _fit(half),
         "samples": [[round(t, 1), r] for t, r in points],
         "grid": "octopus HTTP price source (local fixture) + static" if use_http else "static sources",
+        "price_api_fetch_seconds": fetches,
+        "threads_min_max": [min(t for t, _ in threads_fds), max(t for t, _ in threads_fds)],
+        "fds_min_max": [min(f for _, f in threads_fds), max(f for _, f in threads_fds)],
         "http_source_up_at_end": (OCTOPUS_UP in seq_text) if use_http else None,
         "series_at_end": sum(1 for line in seq_text.splitlines() if line and not line.startswith("#")),
     }
-    out["target_met"] = hwm < TARGET_RSS_BYTES and not out["fit_second_half"]["growth_significant"]
+    half_fit = out["fit_second_half"]
+    out["target_met"] = (hwm < TARGET_RSS_BYTES and not half_fit["growth_significant"]
+                         and not half_fit["inconclusive"])
     progress(f"  memory: RSS {rss0 / MiB:.1f} MiB at start, {rss_end / MiB:.1f} MiB after {elapsed / 60:.1f} "
              "min "
              f"(peak {hwm / MiB:.1f} MiB), second-half slope "

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 from bench import common, report  # noqa: E402
 
-SECTIONS = ("exposition", "energy", "sampler", "scrape", "memory")
+SECTIONS = ("exposition", "energy", "sampler", "scrape", "memory", "memory_trace")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--render-from", metavar="JSON",
                    help="Run nothing: rewrite the report from an earlier --json file.")
     p.add_argument("--memory-minutes", type=float, help="Length of the memory run (default 30, quick 0.2).")
+    p.add_argument("--trace-minutes", type=float,
+                   help="Length of the tracemalloc comparison (default 5, quick 0.1).")
     p.add_argument("--requests", type=int, help="Requests per scrape-latency run (default 2000, quick 100).")
     p.add_argument("--loop-seconds", type=float, help="Sampler loop duration (default 30, quick 2).")
     p.add_argument("--rounds", type=int, help="Back-to-back sampling rounds (default 5000, quick 200).")
@@ -56,7 +58,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         return value if value is not None else (quick if q else full)
 
     return {
+        "quick": q,
         "memory_minutes": pick(args.memory_minutes, 30.0, 0.2),
+        "trace_minutes": pick(args.trace_minutes, 5.0, 0.1),
         "requests": pick(args.requests, 2000, 100),
         "warmup_per_scraper": 20 if not q else 3,
         "loop_seconds": pick(args.loop_seconds, 30.0, 2.0),
@@ -92,6 +96,11 @@ def run_section(name: str, s: dict[str, Any]) -> dict[str, Any]:
         from bench import memory
 
         return memory.run(minutes=s["memory_minutes"], progress=progress)
+    if name == "memory_trace":
+        from bench import memory_trace
+
+        return memory_trace.run(minutes=s["trace_minutes"], warmup_seconds=30.0 if not s["quick"] else 2.0,
+                                progress=progress)
     raise ValueError(f"unknown section {name!r}")
 
 
@@ -121,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench/run.py: error: --reuse {args.reuse}: {exc}", file=sys.stderr)
             return 2
         results = {k: v for k, v in previous.items() if k in SECTIONS and k not in only}
-        results["meta_reused"] = previous.get("meta")
+        prev_meta = previous.get("meta") or {}
+        results["reused"] = {"sections": [k for k in SECTIONS if k in results], "date": prev_meta.get("date"),
+                             "load_average": {k: v for k, v in prev_meta.get("load_average", {}).items()
+                                              if k in results}}
     started = time.time()
     results["meta"] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

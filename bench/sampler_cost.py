@@ -199,7 +199,12 @@ def hotspots(gpus: int, rounds: int, top: int = 12) -> dict[str, Any]:
     rows = []
     for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in sorted(
             stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]:  # type: ignore[attr-defined]
-        where = filename.split("/exporter/")[-1] if "/exporter/" in filename else filename.rsplit("/", 1)[-1]
+        if filename == "<string>":
+            where = "(generated dataclass code)"
+        elif "/exporter/" in filename:
+            where = filename.split("/exporter/")[-1]
+        else:
+            where = filename.rsplit("/", 1)[-1]
         rows.append({"function": f"{where}:{line}({func})", "calls_per_round": ncalls / rounds,
                      "tottime_share": tottime / total if total else 0.0,
                      "cumtime_us_per_round": cumtime / rounds * 1e6})

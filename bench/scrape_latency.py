@@ -58,7 +58,6 @@ def _wait_source_up(port: int, source: str, timeout_seconds: float = 15.0) -> bo
 
 def _measure_target(proc: Process, requests: int, concurrencies: tuple[int, ...], encodings: tuple[str, ...],
                     warmup: int, progress: Callable[[str], None]) -> dict[str, Any]:
-    series, plain_bytes = _exposition(proc.port)
     cpu0 = cpu_seconds(proc.pid)
     runs: dict[str, dict[str, Any]] = {}
     for enc in encodings:
@@ -69,8 +68,12 @@ def _measure_target(proc: Process, requests: int, concurrencies: tuple[int, ...]
             progress(f"  {proc.name} {enc} c={conc}: p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms, "
                      f"{s['throughput_rps']:.0f} req/s, errors {s['errors']}")
     rss, hwm = rss_bytes(proc.pid)
+    served = len(encodings) * sum(requests + warmup * conc for conc in concurrencies)
+    cpu = cpu_seconds(proc.pid) - cpu0
+    series, plain_bytes = _exposition(proc.port)  # steady state: every counter has had its first step
     return {"series": series, "plain_bytes": plain_bytes, "runs": runs, "rss_bytes_after": rss,
-            "rss_peak_bytes": hwm, "server_cpu_seconds": cpu_seconds(proc.pid) - cpu0}
+            "rss_peak_bytes": hwm, "server_cpu_seconds": cpu,
+            "server_cpu_ms_per_request": cpu / served * 1000}
 
 
 def run(requests: int = 2000, concurrencies: tuple[int, ...] = (1, 16), gpu_counts: tuple[int, ...] = (8, 64),

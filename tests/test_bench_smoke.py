@@ -64,7 +64,7 @@ def test_quick_run_measures_every_section_and_writes_the_report(tmp_path: Path) 
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out), "--json", str(raw),
          "--requests", "32", "--memory-minutes", "0.05", "--loop-seconds", "0.5", "--rounds", "50",
-         "--energy-trials", "1", "--energy-window", "120"],
+         "--energy-trials", "1", "--energy-window", "120", "--trace-minutes", "0.05"],
         capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = json.loads(raw.read_text())
@@ -93,11 +93,23 @@ def test_quick_run_measures_every_section_and_writes_the_report(tmp_path: Path) 
     me = results["memory"]
     assert me["scrapes_ok"] > 0 and me["scrapes_failed"] == 0
     assert 0 < me["rss_after_start_bytes"] <= me["rss_peak_bytes"]
+    assert me["threads_min_max"][0] > 1 and me["fds_min_max"][0] > 2
+
+    tr = results["memory_trace"]
+    assert tr["rounds"] > 0 and tr["scrapes"] > 0 and tr["scrapes_failed"] == 0
+    assert tr["traced_bytes_start"] > 0 and tr["top_growth"]
 
     text = out.read_text()
     for heading in ("## Summary", "## 1. Scrape latency", "## 2. Sampler cost", "## 3. Energy accuracy",
-                    "## 4. Memory", "## 5. Exposition size"):
+                    "## 4. Memory", "## 4b. Memory: what grows", "## 5. Exposition size"):
         assert heading in text
     assert "**quick**" in text and "Machine:" in text and "prometheus_client" in text
     assert not re.search(r"\bnan\b", text, re.IGNORECASE)
     assert not math.isnan(results["meta"]["duration_minutes"])
+
+    # The report is a pure function of the results: re-rendering them gives the same file.
+    again = tmp_path / "again.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--render-from", str(raw),
+                           "--out", str(again)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert again.read_text() == text
