@@ -78,7 +78,11 @@ def run(minutes: float = 5.0, warmup_seconds: float = 30.0, gpus: int = 8, hz: f
             finally:
                 stop.set()
                 scraper.join(5)
-                app.stop()
+                stop_error = None
+                try:
+                    app.stop()
+                except Exception as exc:  # the measurement is taken; report a failed shutdown, keep the data
+                    stop_error = f"{type(exc).__name__}: {exc}"
                 tracemalloc.stop()
         finally:
             if fixture is not None:
@@ -95,7 +99,7 @@ def run(minutes: float = 5.0, warmup_seconds: float = 30.0, gpus: int = 8, hz: f
            "rounds": rounds, "scrapes": scrapes, "scrapes_failed": counts["failed"],
            "traced_bytes_start": traced0, "traced_bytes_end": traced1,
            "traced_growth_bytes_per_round": (traced1 - traced0) / rounds if rounds else None,
-           "top_growth": top}
+           "top_growth": top, "stop_error": stop_error}
     progress(f"  memory trace: Python heap {traced0 / 1024:.0f} -> {traced1 / 1024:.0f} KiB over "
              f"{rounds} rounds and {scrapes} scrapes")
     return out
