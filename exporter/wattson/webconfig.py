@@ -29,7 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import bcrypt
+try:
+    import bcrypt
+except ImportError:  # only basic auth needs it: a web config with users says so, nothing else breaks
+    bcrypt = None  # type: ignore[assignment]
 import yaml
 
 log = logging.getLogger("wattson.webconfig")
@@ -336,6 +339,8 @@ class _Loader:
             return {}
         if not isinstance(value, dict):
             raise self.fail("basic_auth_users", f"must be a mapping of username to bcrypt hash, got {_kind(value)}")
+        if value and bcrypt is None:
+            raise self.fail("basic_auth_users", "needs the Python package bcrypt (pip install bcrypt)")
         users: dict[str, bytes] = {}
         for name, hashed in value.items():
             if not isinstance(name, str) or not name:
