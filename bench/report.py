@@ -464,7 +464,8 @@ def _memory_trace(tr: dict[str, Any]) -> list[str]:
                     [[f"{t['size_diff_bytes']:+d}", f"{t['count_diff']:+d}", f"`{t['where']}`"]
                      for t in tr["top_growth"]])
     if tr.get("stop_error"):
-        lines += ["", f"The in-process daemon did not stop cleanly after the measurement: `{tr['stop_error']}`."]
+        lines += ["", "The in-process daemon did not stop cleanly after the measurement: "
+                      f"`{tr['stop_error']}`."]
     return lines
 
 
