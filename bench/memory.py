@@ -113,7 +113,7 @@ def run(minutes: float = 30.0, gpus: int = 8, hz: float = 10.0, sample_every_sec
             rss_end, hwm = rss_bytes(proc.pid)
             cpu = cpu_seconds(proc.pid) - cpu0
             seq_text = http_get(proc.port, "/metrics")[2].decode()
-            fetches = ([round(t - t0, 1) for t in fixture.request_times if t >= t0 - 60]
+            fetches = ([round(t - t0, 2) for t in fixture.request_times if t >= t0 - 60]
                        if fixture is not None else [])
     finally:
         if fixture is not None:

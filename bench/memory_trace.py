@@ -3,7 +3,10 @@
 RSS alone cannot tell a leak of Python objects from allocator fragmentation. This runs the same
 daemon (wattson.cli.App: simulated GPUs at 10 Hz, the HTTP price source, the HTTP server) inside this
 process with tracemalloc on, scrapes it ten times a second (ten times the memory run's rate, so a
-per-scrape leak shows sooner), and compares two snapshots taken after a warm-up: what grew, where.
+per-scrape leak shows sooner), and takes `snapshots` snapshots evenly spaced after a warm-up. A leak
+makes the traced total rise from snapshot to snapshot; objects alive only while a scrape or a round is
+in flight make it wobble. The largest differences between the first and the last snapshot say where.
+Taking a snapshot holds the GIL for a while, so the daemon may log a hung GPU read meanwhile.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ def _scraper(port: int, stop: threading.Event, counts: dict[str, int], hz: float
 
 
 def run(minutes: float = 5.0, warmup_seconds: float = 30.0, gpus: int = 8, hz: float = 10.0,
-        scrape_hz: float = 10.0, progress: Callable[[str], None] = print) -> dict[str, Any]:
+        scrape_hz: float = 10.0, snapshots: int = 4,
+        progress: Callable[[str], None] = print) -> dict[str, Any]:
     from wattson.cli import App, apply_flags, build_parser
     from wattson.config import load_config
 
@@ -66,14 +70,15 @@ def run(minutes: float = 5.0, warmup_seconds: float = 30.0, gpus: int = 8, hz: f
             scraper.start()
             try:
                 time.sleep(warmup_seconds)
-                gc.collect()
                 seq0, ok0 = app.sampler.snapshot.seq, counts["ok"]
-                first = tracemalloc.take_snapshot()
-                traced0 = tracemalloc.get_traced_memory()[0]
-                time.sleep(minutes * 60)
-                gc.collect()
-                second = tracemalloc.take_snapshot()
-                traced1 = tracemalloc.get_traced_memory()[0]
+                taken: list[tuple[float, tracemalloc.Snapshot, int]] = []
+                t0 = time.monotonic()
+                for i in range(snapshots):
+                    if i:
+                        time.sleep(max(0.0, t0 + i * minutes * 60 / (snapshots - 1) - time.monotonic()))
+                    gc.collect()
+                    taken.append((time.monotonic() - t0, tracemalloc.take_snapshot(),
+                                  tracemalloc.get_traced_memory()[0]))
                 rounds, scrapes = app.sampler.snapshot.seq - seq0, counts["ok"] - ok0
             finally:
                 stop.set()
@@ -88,6 +93,8 @@ def run(minutes: float = 5.0, warmup_seconds: float = 30.0, gpus: int = 8, hz: f
             if fixture is not None:
                 fixture.__exit__(None, None, None)
     ignore = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, __file__)]
+    first, second = taken[0][1], taken[-1][1]
+    traced0, traced1 = taken[0][2], taken[-1][2]
     stats = second.filter_traces(ignore).compare_to(first.filter_traces(ignore), "traceback")
     top = []
     for st in sorted(stats, key=lambda s: s.size_diff, reverse=True)[:5]:
@@ -99,6 +106,9 @@ def run(minutes: float = 5.0, warmup_seconds: float = 30.0, gpus: int = 8, hz: f
            "rounds": rounds, "scrapes": scrapes, "scrapes_failed": counts["failed"],
            "traced_bytes_start": traced0, "traced_bytes_end": traced1,
            "traced_growth_bytes_per_round": (traced1 - traced0) / rounds if rounds else None,
+           "traced_series": [[round(t, 1), b] for t, _s, b in taken],
+           "traced_monotonic_rise": all(later[2] > earlier[2]
+                                        for earlier, later in zip(taken, taken[1:], strict=False)),
            "top_growth": top, "stop_error": stop_error}
     progress(f"  memory trace: Python heap {traced0 / 1024:.0f} -> {traced1 / 1024:.0f} KiB over "
              f"{rounds} rounds and {scrapes} scrapes")

@@ -63,8 +63,10 @@ def render(results: dict[str, Any]) -> str:
                  f"{v['pydantic']}, node_exporter: {v['node_exporter'] or 'not installed'}")
     reused = results.get("reused")
     if reused and reused["sections"]:
+        commit = (reused.get("versions") or {}).get("wattson_commit")
         lines.append(f"- Sections {', '.join(reused['sections'])} are reused from the run of "
-                     f"{reused['date']} (same machine); the date above is when the other sections ran.")
+                     f"{reused['date']} (same machine" + (f", wattson commit {commit}" if commit else "")
+                     + "); the date and versions above are those of the sections run last.")
     loads = {**(reused or {}).get("load_average", {}), **meta.get("load_average", {})}
     if loads:
         lines.append("- Machine load (1-min load average) when each section started: "
@@ -84,9 +86,10 @@ def render(results: dict[str, Any]) -> str:
     lines += ["", "## Rerunning", "",
               "```",
               "apt-get install -y --no-install-recommends prometheus-node-exporter   # the reference",
-              "python bench/run.py                      # full: about 40 minutes, 30 of them the memory run",
+              "python bench/run.py --json results.json  # full: about 50 minutes, 30 of them the memory run",
               "python bench/run.py --quick              # smoke sizes, about a minute",
-              "python bench/run.py --only scrape,sampler --reuse results.json --json results.json",
+              "python bench/run.py --only scrape,sampler --reuse results.json --json results2.json",
+              "python bench/run.py --render-from results2.json   # rewrite this file from saved results",
               "```", ""]
     return "\n".join(lines)
 
@@ -129,7 +132,8 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
         one = sa["backends"]["1ms"]
         result = (f"loop at 10 Hz: {_pct(free['loop']['10hz']['core_share'] * 100, 3)} (free reads), "
                   f"{_pct(one['loop']['10hz']['core_share'] * 100, 3)} (1 ms reads); "
-                  f"{free['per_round']['cpu_seconds_per_round'] * 1e6:.0f} us CPU per 8-GPU round")
+                  f"{free['per_round']['cpu_seconds_per_round'] * 1e6:.0f} us CPU per {sa['gpus']}-GPU round "
+                  "back to back (free reads)")
         verdict = "met" if sa["target_met"] else (
             f"**missed** by {(worst / sa['target_core_share_at_10hz'] - 1) * 100:.0f}% (worst case)")
         rows.append(["2", "< 1% of a core at 10 Hz with 8 GPUs, NVML excluded", result, verdict])
@@ -163,7 +167,7 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
             if fit["inconclusive"]:
                 why.append("growth inconclusive: the two trend estimates disagree")
             shown = fit["growth_significant"] or over >= 0
-            verdict = ("**missed**: " if shown else "**not shown**: ") + ", ".join(why)
+            verdict = ("**missed**: " if shown else "**not shown**: ") + ", ".join(why) + " (see 4 and 4b)"
             if over < 0:
                 verdict += f"; size met ({-over / MiB:.1f} MiB under 60 MiB)"
         if me["minutes"] < 29:
@@ -433,14 +437,24 @@ def _memory(me: dict[str, Any]) -> list[str]:
         picked = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
         lines += ["", "RSS over time: " + ", ".join(f"{t / 60:.1f} min {r / MiB:.2f}" for t, r in picked)
                   + " (MiB)."]
-        last_half = [r for t, r in samples if t >= samples[-1][0] / 2]
+        half = [(t, r) for t, r in samples if t >= samples[-1][0] / 2]
+        last_half = [r for _t, r in half]
         lines += ["", f"Second half: RSS between {_mib(min(last_half))} and {_mib(max(last_half))} "
                       f"({(max(last_half) - min(last_half)) / 1024:.0f} KiB apart)."]
-    fetches = me.get("price_api_fetch_seconds")
-    if fetches:
-        lines += ["", "The HTTP price source fetched from the fixture at "
-                  + ", ".join(f"{t / 60:.1f} min" for t in fetches)
-                  + " into the run (steps in RSS at those times are the fetch and parse, not scrapes)."]
+        steps = [(t1, r1 - r0, t0) for (t0, r0), (t1, r1) in zip(half, half[1:], strict=False)]
+        fetches = me.get("price_api_fetch_seconds") or []
+        if steps:
+            at, size, since = max(steps, key=lambda s: s[1])
+            during = [f for f in fetches if since - 0.5 <= f <= at + 0.5]
+            lines += ["", f"Largest single step in the second half: {size / 1024:+.0f} KiB between "
+                          f"{since / 60:.1f} and {at / 60:.1f} min"
+                      + ("; the HTTP price source fetched from its API in that interval, so the step is "
+                         "most likely the fetch and parse of its rates, not scraping or sampling."
+                         if during else ".")]
+        if fetches:
+            lines += ["", "The HTTP price source fetched at "
+                      + ", ".join("start" if t <= 1 else f"{t / 60:.1f} min" for t in fetches)
+                      + " into the run."]
     return lines
 
 
@@ -449,17 +463,25 @@ def _memory_trace(tr: dict[str, Any]) -> list[str]:
     lines = [f"## {TITLES['memory_trace']}", "",
              f"The same daemon in-process (wattson.cli.App, {tr['gpus']} GPUs at {tr['hz']:g} Hz, scraped "
              f"{tr['scrape_hz']:g} times a second) with tracemalloc on; after {tr['warmup_seconds']:g} s of "
-             f"warm-up, two snapshots {tr['minutes']:g} min apart ({tr['rounds']} sampling rounds, "
+             f"warm-up, {len(tr.get('traced_series') or [0, 0])} snapshots over {tr['minutes']:g} min "
+             f"({tr['rounds']} sampling rounds, "
              f"{tr['scrapes']} scrapes, {tr['scrapes_failed']} failed). Python heap allocated since tracing "
              "began (just before the daemon was built): "
              f"{tr['traced_bytes_start'] / 1024:.0f} KiB -> {tr['traced_bytes_end'] / 1024:.0f} KiB "
              f"({growth / 1024:+.0f} KiB, {(tr['traced_growth_bytes_per_round'] or 0):+.1f} bytes per "
-             "round).",
+             "round)."
+             + (" Traced heap at each snapshot: " + ", ".join(f"{t / 60:.1f} min {b / 1024:.0f} KiB"
+                                                             for t, b in tr["traced_series"])
+                + ("; it rises at every snapshot, as a leak would (few points: confirm with a longer run)."
+                   if tr["traced_monotonic_rise"] else
+                   "; it does not rise steadily, so the differences look like objects in flight rather "
+                   "than a leak.")
+                if tr.get("traced_series") else ""),
              "",
-             "Largest differences between the snapshots (allocation site, innermost first, `a <- b`: a "
-             "called from b; objects of a "
-             "render in progress at snapshot time show up here too, so only a difference that grows with "
-             "the run length is a leak):", ""]
+             "Largest differences between the first and the last snapshot (allocation site, innermost "
+             "first, `a <- b`: a called from b). Objects of a scrape or round in progress at snapshot time "
+             "show up here too, and so do objects CPython keeps in its own bounded caches (free lists, the "
+             "type attribute cache), which are counted at the site that first allocated them:", ""]
     lines += _table(["bytes", "blocks", "where"],
                     [[f"{t['size_diff_bytes']:+d}", f"{t['count_diff']:+d}", f"`{t['where']}`"]
                      for t in tr["top_growth"]])

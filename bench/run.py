@@ -1,6 +1,6 @@
 """Run wattson's benchmarks (issue 5) and rewrite docs/benchmarks.md with the results.
 
-    python bench/run.py            # full: the issue's numbers (about 40 minutes, 30 of them memory)
+    python bench/run.py            # full: the issue's numbers (about 50 minutes, 30 of them memory)
     python bench/run.py --quick    # small counts, for CI smoke tests (about a minute)
 
 Each section is a module of this package with a run() that returns plain data; this script adds the
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {k: v for k, v in previous.items() if k in SECTIONS and k not in only}
         prev_meta = previous.get("meta") or {}
         results["reused"] = {"sections": [k for k in SECTIONS if k in results], "date": prev_meta.get("date"),
+                             "versions": prev_meta.get("versions"),
                              "load_average": {k: v for k, v in prev_meta.get("load_average", {}).items()
                                               if k in results}}
     started = time.time()
