@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import yaml
+
+from tests.daemon import free_port  # one free-port helper for every server the tests start
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "prometheus"
@@ -47,12 +48,6 @@ def shipped_rule_files() -> list[Path]:
     """The rule files prometheus.yml loads, as absolute paths, in its order."""
     cfg = yaml.safe_load(SHIPPED_CONFIG.read_text())
     return [(PROMETHEUS_DIR / f).resolve() for f in cfg["rule_files"]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
