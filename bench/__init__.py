@@ -1,4 +1,4 @@
-"""wattson's benchmarks (issue 5): `python bench/run.py [--quick]` rewrites docs/benchmarks.md."""
+"""wattson's benchmarks: `python bench/run.py [--quick]` rewrites docs/benchmarks.md."""
 
 import sys
 from pathlib import Path

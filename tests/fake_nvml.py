@@ -7,7 +7,7 @@ test can predict every joule. Time is the FakeClock's monotonic seconds.
     clock = FakeClock()
     gpu = FakeGpu(0, power=square_wave(600, 2, 100, 1))
     driver = FakeDriver(clock, [gpu]).install(monkeypatch)
-    backend = NvmlBackend(clock=clock.time, monotonic=clock.monotonic)
+    backend = NvmlBackend(clock=clock.time, monotonic=clock.monotonic)  # collect_processes=True for workloads
 
 Anything in pynvml that is not faked here fails the test loudly instead of reaching a real library.
 """
@@ -127,6 +127,8 @@ class FakeGpu:
       hang()           calls block until the returned event is set; after `hang_timeout_s` they give up
                        with Timeout, so a broken test cannot block forever
       fail_next(e, n)  the next n calls (of `function`, or any) raise e
+      processes        compute processes as (pid, used memory bytes or None); None: listing is NotSupported
+      process_sm       pid -> SM utilization percent, one sample per call stamped now; None: NotFound
     """
 
     def __init__(self, index: int, uuid: str | None = None, name: str = "NVIDIA H100 80GB HBM3",
@@ -137,6 +139,7 @@ class FakeGpu:
                  memory_v2_supported: bool = True, memory_v2_error: ErrorSpec | None = None,
                  utilization: float | Callable[[float], float] | None = 0.5,
                  mig_mode: bool | None = False, pci_bus_id: str | None = None,
+                 processes: list[tuple[int, int | None]] | None = None, process_sm: dict[int, int] | None = None,
                  hang_timeout_s: float = 5.0) -> None:
         self.index = index
         self.uuid = uuid or f"GPU-{index:08x}-fa6e-4000-8000-{index:012x}"
@@ -153,6 +156,8 @@ class FakeGpu:
         self.memory_v2_error: ErrorSpec = memory_v2_error or pynvml.NVMLError_FunctionNotFound
         self.utilization = utilization
         self.mig_mode = mig_mode
+        self.processes = processes
+        self.process_sm = process_sm
         self.pci_bus_id = pci_bus_id or f"00000000:{0x18 + index * 0x10 & 0xFF:02X}:00.0"
         self.hang_timeout_s = hang_timeout_s
         self.lost = False
@@ -396,12 +401,29 @@ class FakeDriver:
         ratio = util(self.clock.monotonic()) if callable(util) else util
         return SimpleNamespace(gpu=round(ratio * 100), memory=round(ratio * 40))
 
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[SimpleNamespace]:
+        gpu = self._device("nvmlDeviceGetComputeRunningProcesses", handle)
+        if gpu.processes is None:
+            raise pynvml.NVMLError_NotSupported()
+        not_mig = 0xFFFFFFFF
+        return [SimpleNamespace(pid=pid, usedGpuMemory=memory, gpuInstanceId=not_mig, computeInstanceId=not_mig)
+                for pid, memory in gpu.processes]
+
+    def nvmlDeviceGetProcessUtilization(self, handle: Any, since_us: int) -> list[Any]:
+        gpu = self._device("nvmlDeviceGetProcessUtilization", handle)
+        now_us = round(self.clock.monotonic() * 1e6)
+        if gpu.process_sm is None or now_us <= since_us:
+            raise pynvml.NVMLError_NotFound()
+        return [pynvml.c_nvmlProcessUtilizationSample_t(pid, now_us, sm, 0, 0, 0)
+                for pid, sm in gpu.process_sm.items()]
+
     # --- installation -----------------------------------------------------------------------------
     FAKED = ("nvmlInit", "nvmlInitWithFlags", "nvmlShutdown", "nvmlErrorString", "nvmlSystemGetDriverVersion",
              "nvmlDeviceGetCount", "nvmlDeviceGetHandleByIndex", "nvmlDeviceGetUUID", "nvmlDeviceGetName",
              "nvmlDeviceGetPciInfo", "nvmlDeviceGetMigMode", "nvmlDeviceGetPowerUsage",
              "nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetEnforcedPowerLimit",
-             "nvmlDeviceGetMemoryInfo", "nvmlDeviceGetUtilizationRates")
+             "nvmlDeviceGetMemoryInfo", "nvmlDeviceGetUtilizationRates", "nvmlDeviceGetComputeRunningProcesses",
+             "nvmlDeviceGetProcessUtilization")
 
     def install(self, monkeypatch: Any) -> FakeDriver:
         """Replace pynvml's functions with this driver's (undone by monkeypatch at test end)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from tests.fakes import T0, Clock, ConstantGpu, ListBackend, ScriptedSource, run_for
-from wattson.config import SamplerConfig
 from wattson.grid.base import SourceError
 from wattson.grid.signal import GridSignals, SignalChain
 from wattson.sampler import Sampler
@@ -18,7 +17,7 @@ def make(clock: Clock, price_sources, carbon_sources, pue: float = 1.0, watts: f
     price.poll_due()
     carbon.poll_due()
     grid = GridSignals(pue=pue, carbon=carbon, price=price)
-    sampler = Sampler(ListBackend([gpu]), SamplerConfig(interval_seconds=1.0), grid, clock=clock.time)
+    sampler = Sampler(ListBackend([gpu]), grid=grid, clock=clock.time)
     sampler.start_backend()
     sampler.sample_round()  # baseline reading
     return sampler, gpu, price, carbon

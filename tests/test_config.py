@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from wattson.config import ConfigError, parse_config
+from wattson.config import ConfigError, load_config, parse_config
+from wattson.yamlfile import MAX_BYTES, MAX_EXPANDED_NODES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
     ("web:\n  listen_address: nine\n", "web.listen_address: Value error, expected host:port"),
     ("- a\n- b\n", "(top level): expected a mapping"),
     ("sampler: [\n", "invalid YAML"),
+    ("sampler:\n  interval_seconds: 1\nsampler:\n  interval_seconds: 2\n",
+     "wattson.yml:3: sampler: duplicate key (first at line 1)"),  # not silently the last one
 ])
 def test_each_class_of_mistake_names_the_key(text, needle):
     with pytest.raises(ConfigError) as exc:
@@ -41,6 +44,47 @@ def test_error_names_the_line():
     with pytest.raises(ConfigError) as exc:
         parse_config("log_level: info\nsampler:\n  interval_secs: 1\n", "w.yml")
     assert str(exc.value).startswith("w.yml:3: sampler.interval_secs")
+
+
+def test_error_line_survives_union_tags():
+    # pydantic puts the source type into the error location; the line is still that of the key written
+    text = "grid:\n  price:\n    sources:\n      - type: static\n        price_per_kwh: 0.3\n        currency: euro\n"
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text, "w.yml")
+    assert str(exc.value).startswith("w.yml:6: grid.price.sources[0].currency: "), str(exc.value)
+
+
+def _alias_bomb() -> bytes:
+    """Seven lines that stand for ten million values once every alias is expanded."""
+    lines = ["a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    for prev, name in zip("abcdef", "bcdefg", strict=True):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 10) + "]")
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"sampler:\n  interval_seconds: 1\nlog_level: info\nsampler:\n  interval_seconds: 2\n",
+     ":4: sampler: duplicate key (first at line 1)"),
+    (b"grid:\n  price:\n    sources:\n      - type: static\n        price_per_kwh: 0.3\n        currency: EUR\n"
+     b"        price_per_kwh: 0.4\n", ":7: grid.price.sources[0].price_per_kwh: duplicate key (first at line 5)"),
+    (b"grid:\n  carbon: {zone: DE, zone: FR}\n", ":2: grid.carbon.zone: duplicate key (first at line 2)"),
+    (b"log_level: info\ngrid:\n  carbon:\n    zone: K\xf6ln\n",
+     ":4: (file): not UTF-8 text: byte 0xf6 at column 12 (byte offset 43)"),
+    (b"\xef\xbb\xbfsampler:\n  interval_seconds: 0.01\n", ":2: sampler.interval_seconds: "),  # a BOM is fine
+    (b"#" * (MAX_BYTES + 1), ": (file): larger than 1 MiB"),
+    (_alias_bomb(), f": more than {MAX_EXPANDED_NODES} values"),
+    (b"gpu: &g\n  simulated: *g\n", ":2: gpu.simulated: an alias refers to a node that contains it"),
+    (b"sampler:\n  interval_seconds: !!python/object:os.system 1\n", ":2: (yaml): invalid YAML: could not determine "
+                                                                     "a constructor"),  # safe tags only
+])
+def test_file_problems_name_the_file_line_and_key(tmp_path, content, expected):
+    path = tmp_path / "wattson.yml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as exc:
+        load_config(str(path))
+    msg = str(exc.value)
+    assert msg.startswith(str(path)) and expected in msg, msg
+    assert "\n" not in msg
 
 
 def test_example_config_is_valid():
@@ -71,18 +115,32 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           env={"PYTHONPATH": str(ROOT / "exporter"), "PATH": "/usr/bin:/bin"})
 
 
-def test_cli_exits_2_with_one_line_for_a_bad_config(tmp_path):
+@pytest.mark.parametrize("text, needle", [
+    ("grid:\n  pue: 9\n", ":2: grid.pue: "),
+    ("grid:\n  pue: 1.2\ngrid:\n  pue: 1.3\n", ":3: grid: duplicate key (first at line 1)"),
+])
+def test_cli_exits_2_with_one_line_for_a_bad_config(tmp_path, text, needle):
     cfg = tmp_path / "bad.yml"
-    cfg.write_text("grid:\n  pue: 9\n")
+    cfg.write_text(text)
     proc = run_cli("--config.file", str(cfg), "--simulate")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "grid.pue" in lines[0] and str(cfg) in lines[0]
+    assert len(lines) == 1 and f"{cfg}{needle}" in lines[0], proc.stderr
+
+
+def test_cli_exits_2_with_one_line_for_a_bad_web_config(tmp_path):
+    web = tmp_path / "web.yml"
+    web.write_text("http_server_config:\n  http2: true\nhttp_server_config:\n  http2: false\n")
+    proc = run_cli("--web.config.file", str(web), "--simulate", "--web.listen-address", "127.0.0.1:0")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{web}:3: http_server_config: duplicate key (first at line 1)" in lines[0], \
+        proc.stderr
 
 
 def test_cli_exits_2_for_a_missing_config_file(tmp_path):
     proc = run_cli("--config.file", str(tmp_path / "nope.yml"))
-    assert proc.returncode == 2 and "cannot read config file" in proc.stderr
+    assert proc.returncode == 2 and "(file): cannot read: No such file or directory" in proc.stderr
 
 
 def test_cli_without_nvml_exits_2_and_suggests_simulate(tmp_path):

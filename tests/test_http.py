@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import re
 import shutil
+import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
 
+import bcrypt
 import pytest
 
 from tests.daemon import get, run_wattson
@@ -91,3 +96,47 @@ def test_endpoints_and_gzip(tmp_path):
         assert headers.get("Content-Encoding") == "gzip"
         assert b"wattson_gpu_power_watts" in gzip.decompress(body)
         assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+
+
+def https_get(url: str, ctx: ssl.SSLContext, authorization: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, headers={"Authorization": authorization} if authorization else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5, context=ctx) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def test_web_config_file_puts_the_daemon_behind_tls_and_basic_auth(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl not installed: .ci/run installs it")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "2", "-keyout", "server.key", "-out", "server.crt", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=30)
+    hashed = bcrypt.hashpw(b"scrape-secret", bcrypt.gensalt(4)).decode()
+    web = tmp_path / "web-config.yml"
+    web.write_text("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+                   f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "server.crt"))
+    auth = "Basic " + base64.b64encode(b"prometheus:scrape-secret").decode()
+    with run_wattson(tmp_path, SIM_CONFIG, "--web.config.file", str(web), wait_ready=False) as d:
+        url = f"https://127.0.0.1:{d.port}"
+        deadline = time.monotonic() + 20
+        while True:  # the daemon's readiness, asked over TLS with the password
+            assert d.proc.poll() is None, d.log()
+            try:
+                if https_get(url + "/readyz", ctx, auth)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.1)
+        status, headers, _ = https_get(url + "/metrics", ctx)
+        assert status == 401 and headers["WWW-Authenticate"] == 'Basic realm="wattson"'
+        assert https_get(url + "/metrics", ctx, "Basic " + base64.b64encode(b"prometheus:guess").decode())[0] == 401
+        status, _, body = https_get(url + "/metrics", ctx, auth)
+        assert status == 200 and b"wattson_gpu_power_watts" in body
+        with pytest.raises(OSError):
+            get(d.base + "/metrics")  # plain HTTP on the TLS port
+    assert "scrape-secret" not in d.log() and hashed not in d.log()

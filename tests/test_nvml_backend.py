@@ -8,14 +8,15 @@ import pynvml
 import pytest
 
 from tests.fake_nvml import Constant, FakeClock, FakeDriver, FakeGpu, GiB, MiB, constant, square_wave
-from wattson.gpu.base import ERROR_KINDS, BackendUnavailable, GpuReadError
+from wattson.gpu.base import ERROR_KINDS, BackendUnavailable, GpuProcess, GpuReadError
 from wattson.gpu.nvml import NvmlBackend
+from wattson.gpu.nvml_processes import SERIOUS_ERRORS
 
 
-def setup(monkeypatch, gpus, **driver_args):
+def setup(monkeypatch, gpus, collect_processes=False, **driver_args):
     clock = FakeClock()
     driver = FakeDriver(clock, gpus, **driver_args).install(monkeypatch)
-    backend = NvmlBackend(clock=clock.time, monotonic=clock.monotonic)
+    backend = NvmlBackend(collect_processes=collect_processes, clock=clock.time, monotonic=clock.monotonic)
     return clock, driver, backend
 
 
@@ -199,6 +200,50 @@ def test_gpu_lost_during_an_optional_metric_fails_the_read(monkeypatch):
     _, _, backend = setup(monkeypatch, [gpu])
     err = read_error(backend.start()[0])
     assert err.kind == "gpu_lost" and "nvmlDeviceGetUtilizationRates" in str(err)
+
+
+@pytest.mark.parametrize("code", sorted(SERIOUS_ERRORS))
+def test_every_serious_error_during_an_optional_metric_fails_the_read(monkeypatch, code):
+    gpu = FakeGpu(0)
+    gpu.fail_next(code, function="nvmlDeviceGetEnforcedPowerLimit")
+    _, _, backend = setup(monkeypatch, [gpu])
+    err = read_error(backend.start()[0])
+    assert err.kind in ERROR_KINDS and "nvmlDeviceGetEnforcedPowerLimit" in str(err)
+
+
+# --- compute processes (workloads) ----------------------------------------------------------------
+
+def test_processes_are_listed_only_by_a_backend_built_to_collect_them(monkeypatch):
+    gpu = FakeGpu(0, processes=[(4242, 2 * GiB), (4343, None)], process_sm={4242: 60})
+    _, _, backend = setup(monkeypatch, [gpu])
+    assert backend.collect_processes is False
+    assert backend.start()[0].read().processes is None
+    assert not [c for c in gpu.calls if "Process" in c]
+    backend.close()
+
+    _, _, backend = setup(monkeypatch, [gpu], collect_processes=True)
+    reading = backend.start()[0].read()
+    assert reading.processes == (GpuProcess(4242, 2 * GiB, 0.6, None), GpuProcess(4343, None, 0.0, None))
+
+
+def test_a_gpu_that_cannot_list_processes_reads_with_processes_none(monkeypatch):
+    gpu = FakeGpu(0, processes=None)
+    _, _, backend = setup(monkeypatch, [gpu], collect_processes=True)
+    reading = backend.start()[0].read()
+    assert reading.processes is None and reading.power_watts == 300.0
+
+
+@pytest.mark.parametrize("code", sorted(SERIOUS_ERRORS))
+def test_every_serious_error_while_listing_processes_fails_the_read(monkeypatch, code):
+    gpu = FakeGpu(0, processes=[(1, GiB)])
+    _, _, backend = setup(monkeypatch, [gpu], collect_processes=True)
+    device = backend.start()[0]
+    gpu.fail_next(code, function="nvmlDeviceGetComputeRunningProcesses")
+    err = read_error(device)
+    assert err.kind in ERROR_KINDS and "nvmlDeviceGetComputeRunningProcesses" in str(err)
+    if code == pynvml.NVML_ERROR_RESET_REQUIRED:
+        assert err.kind == "gpu_lost"
+    assert device.read().processes == (GpuProcess(1, GiB, None, None),)
 
 
 # --- read errors ----------------------------------------------------------------------------------

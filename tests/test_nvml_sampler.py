@@ -9,7 +9,6 @@ import pynvml
 import pytest
 
 from tests.fake_nvml import FakeClock, FakeDriver, FakeGpu, constant, square_wave
-from wattson.config import SamplerConfig
 from wattson.gpu.base import BackendUnavailable
 from wattson.gpu.nvml import NvmlBackend
 from wattson.sampler import Sampler
@@ -21,8 +20,8 @@ def setup(monkeypatch, gpus, timeout=0.3, **driver_kw):
     clock = FakeClock()
     driver = FakeDriver(clock, gpus, **driver_kw).install(monkeypatch)
     backend = NvmlBackend(clock=clock.time, monotonic=clock.monotonic)
-    sampler = Sampler(backend, SamplerConfig(interval_seconds=0.1, gpu_timeout_seconds=timeout),
-                      clock=clock.time, init_retry=(0.01, 0.02))
+    sampler = Sampler(backend, interval_seconds=0.1, gpu_timeout_seconds=timeout, clock=clock.time,
+                      init_retry=(0.01, 0.02))
     sampler.start_backend()
     return clock, driver, sampler
 
@@ -128,7 +127,7 @@ def test_driver_gone_then_back_reinitialises_with_backoff(monkeypatch):
 def test_init_failing_at_start_is_backend_unavailable(monkeypatch):
     clock = FakeClock()
     FakeDriver(clock, [FakeGpu(0)], init_failures=1).install(monkeypatch)
-    sampler = Sampler(NvmlBackend(clock=clock.time, monotonic=clock.monotonic), SamplerConfig())
+    sampler = Sampler(NvmlBackend(clock=clock.time, monotonic=clock.monotonic))
     with pytest.raises(BackendUnavailable, match="--simulate"):
         sampler.start_backend()
 
@@ -173,10 +172,10 @@ def test_processes_are_read_only_when_workloads_ask(monkeypatch):
     monkeypatch.setattr(pynvml, "nvmlDeviceGetComputeRunningProcesses", lambda h: procs, raising=False)
     monkeypatch.setattr(pynvml, "nvmlDeviceGetProcessUtilization",
                         lambda h, ts: (_ for _ in ()).throw(pynvml.NVMLError_NotFound()), raising=False)
-    reading = sampler.workers[0].device.read()
+    reading = sampler.gpus[0].device.read()
     assert reading.processes is None  # workloads off: NVML is not asked
     sampler.backend.collect_processes = True
-    reading = sampler.workers[0].device.read()
+    reading = sampler.gpus[0].device.read()
     assert [p.pid for p in reading.processes] == [4242]
     assert reading.processes[0].used_memory_bytes == 2 * 1024**3
     fake.lost = True

@@ -5,16 +5,16 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from tests.fakes import Clock, ConstantGpu, ListBackend
-from wattson.config import SamplerConfig
 from wattson.gpu.base import BackendUnavailable, GpuReadError
 from wattson.sampler import Sampler
 
 
 def make(gpus, timeout=0.2):
     backend = ListBackend(gpus)
-    sampler = Sampler(backend, SamplerConfig(interval_seconds=1.0, gpu_timeout_seconds=timeout),
-                      init_retry=(0.01, 0.05))
+    sampler = Sampler(backend, gpu_timeout_seconds=timeout, init_retry=(0.01, 0.05))
     sampler.start_backend()
     return sampler, backend
 
@@ -89,7 +89,7 @@ def test_driver_gone_is_retried_with_backoff_and_totals_survive():
     clock = Clock()
     gpu = ConstantGpu(0, clock, 100)
     backend = FlakyBackend([gpu], down=2)
-    sampler = Sampler(backend, SamplerConfig(gpu_timeout_seconds=0.5), init_retry=(0.01, 0.05))
+    sampler = Sampler(backend, gpu_timeout_seconds=0.5, init_retry=(0.01, 0.05))
     sampler.start_backend()
     clock.advance(1)
     sampler.sample_round()
@@ -122,3 +122,90 @@ def test_snapshot_is_replaced_not_mutated():
     second = sampler.sample_round()
     assert first is not second and second.seq == first.seq + 1
     assert first.gpus[0].energy_joules == 0.0 and second.gpus[0].energy_joules == 100.0
+
+
+def _reader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("gpu-reader-")]
+
+
+def test_a_hang_mid_round_costs_that_gpu_only_and_a_fresh_reader_finishes_the_round():
+    clock = Clock()
+    gpus = [ConstantGpu(i, clock, 100 * (i + 1)) for i in range(4)]
+    sampler, _ = make(gpus, timeout=0.2)
+    clock.advance(1)
+    sampler.sample_round()
+    gpus[1].hang = threading.Event()
+    clock.advance(1)
+    started = time.monotonic()
+    sampler.sample_round()
+    took = time.monotonic() - started
+    assert 0.2 <= took < 1.0  # one timeout, not one per GPU
+    snap = by_index(sampler)
+    assert snap[1].up is False and dict(snap[1].errors)["hung"] == 1
+    # GPUs after the hung one were read in the same round, by the fresh reader
+    assert [snap[i].energy_joules for i in (0, 2, 3)] == [100.0, 300.0, 400.0]
+    assert all(snap[i].up for i in (0, 2, 3))
+    gpus[1].hang.set()
+    gpus[1].hang = None
+
+
+def test_one_reader_thread_reads_every_gpu_and_a_stuck_one_leaves_once_its_call_returns():
+    clock = Clock()
+    gpus = [ConstantGpu(i, clock, 100) for i in range(16)]
+    before = set(_reader_threads())
+    sampler, _ = make(gpus, timeout=0.2)
+    for _ in range(20):
+        clock.advance(1)
+        sampler.sample_round()
+    mine = [t for t in _reader_threads() if t not in before]
+    assert len(mine) == 1  # 16 GPUs, 20 rounds: one reader
+    release = threading.Event()
+    gpus[5].hang = release
+    clock.advance(1)
+    sampler.sample_round()
+    stuck = [t for t in _reader_threads() if t not in before and t.is_alive()]
+    assert len(stuck) == 2  # the abandoned one (inside the driver) and its successor
+    release.set()
+    gpus[5].hang = None
+    deadline = time.monotonic() + 2
+    while len([t for t in _reader_threads() if t not in before and t.is_alive()]) > 1:
+        assert time.monotonic() < deadline, "the abandoned reader did not exit after its call returned"
+        time.sleep(0.01)
+    clock.advance(1)
+    sampler.sample_round()
+    assert by_index(sampler)[5].up is True
+    assert by_index(sampler)[5].energy_joules == 21 * 100.0  # the counter covers the hang exactly
+    sampler.stop()
+
+
+def test_every_gpu_of_a_round_is_priced_from_the_grid_as_it_stood_when_the_round_began():
+    from wattson.grid.signal import GridSignals, SignalChain
+    from wattson.grid.static import StaticSource
+
+    clock = Clock()
+    price = SignalChain("price", "DE", 7200, [StaticSource("price", "DE", 0.30, "EUR")], clock=clock.time)
+    price.poll_due()
+    cheap = SignalChain("price", "DE", 7200, [StaticSource("price", "DE", 0.10, "EUR")], clock=clock.time)
+    cheap.poll_due()
+
+    class SwapsThePriceWhenRead(ConstantGpu):
+        armed = False
+
+        def read(self):
+            if self.armed:
+                price.state = cheap.state  # a fetch landing in the middle of a round
+            return super().read()
+
+    gpus = [ConstantGpu(0, clock, 1800), SwapsThePriceWhenRead(1, clock, 1800), ConstantGpu(2, clock, 1800)]
+    sampler = Sampler(ListBackend(gpus), grid=GridSignals(price=price), clock=clock.time)
+    sampler.start_backend()
+    sampler.sample_round()
+    gpus[1].armed = True
+    clock.advance(20)  # 0.01 kWh per GPU
+    sampler.sample_round()
+    costs = [dict(g.account.cost)["EUR"] for g in sampler.snapshot.gpus]
+    assert costs == [pytest.approx(0.003)] * 3  # GPU 2 read after the swap: still the round's price
+    clock.advance(20)
+    sampler.sample_round()
+    costs = [dict(g.account.cost)["EUR"] for g in sampler.snapshot.gpus]
+    assert costs == [pytest.approx(0.004)] * 3

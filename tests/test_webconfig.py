@@ -1,34 +1,39 @@
-"""The web config (TLS, client certificates, basic auth, headers) tested over real TLS connections.
+"""The web config (TLS, client certificates, basic auth, headers, certificate reload) over real connections.
 
 A throwaway CA, server and client certificates are made at test time with the openssl CLI (or the
-`cryptography` package where openssl is missing). A tiny ThreadingHTTPServer on 127.0.0.1:0 wraps
-its socket with WebSecurity.ssl_context and gates requests with check_basic_auth, the same API the
-wattson server uses.
+`cryptography` package where openssl is missing). Requests go to wattson's own WattsonHTTPServer on
+127.0.0.1:0, so the per-connection TLS handshake and the 401 with its realm are the real ones.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import datetime
 import http.client
 import ipaddress
 import logging
 import os
+import re
 import shutil
 import ssl
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import bcrypt
 import pytest
 
-from wattson import webconfig
-from wattson.webconfig import WebConfigError, WebSecurity, load_web_config
+from wattson import webconfig, yamlfile
+from wattson.snapshot import EMPTY
+from wattson.web import WattsonHTTPServer
+from wattson.webconfig import TlsContextSource, WebConfigError, WebSecurity, load_web_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PASSWORD = "correct horse battery staple"
 BOB_PASSWORD = "hunter2-but-longer"
@@ -58,6 +63,7 @@ def make_pki_openssl(d: Path) -> dict[str, Path]:
              "-subj", "/CN=wattson test CA", "-addext", "basicConstraints=critical,CA:TRUE",
              "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     for name, usage, san in (("server", "serverAuth", "DNS:localhost,IP:127.0.0.1"),
+                             ("server2", "serverAuth", "DNS:localhost,IP:127.0.0.1"),  # the rotated one
                              ("client", "clientAuth", "DNS:prometheus.test")):
         (d / f"{name}.ext").write_text(LEAF_EXT.format(usage=usage, san=san))
         _openssl(d, "req", "-new", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
@@ -112,6 +118,8 @@ def make_pki_cryptography(d: Path) -> dict[str, Path]:
     for name, usage, san in (
             ("server", ExtendedKeyUsageOID.SERVER_AUTH,
              [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            ("server2", ExtendedKeyUsageOID.SERVER_AUTH,
+             [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
             ("client", ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("prometheus.test")])):
         k = new_key()
         files[f"{name}.key"] = key_pem(k)
@@ -132,8 +140,8 @@ def make_pki_cryptography(d: Path) -> dict[str, Path]:
 def _pki_paths(d: Path) -> dict[str, Path]:
     (d / "junk.pem").write_text("this is not PEM at all\n")
     (d / "corrupt.crt").write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
-    names = ("ca.crt", "server.crt", "server.key", "client.crt", "client.key", "rogue.crt", "rogue.key",
-             "other.key", "enc.key", "junk.pem", "corrupt.crt")
+    names = ("ca.crt", "server.crt", "server.key", "server2.crt", "server2.key", "client.crt", "client.key",
+             "rogue.crt", "rogue.key", "other.key", "enc.key", "junk.pem", "corrupt.crt")
     return {n.replace(".", "_"): d / n for n in names} | {"dir": d}
 
 
@@ -178,59 +186,31 @@ USERS = f"""basic_auth_users:
 """
 
 
-# --- a tiny server using the WebSecurity API ------------------------------------------------------
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _TestServer
-    protocol_version = "HTTP/1.0"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        sec = self.server.security
-        if sec.auth_required() and not sec.check_basic_auth(self.headers.get("Authorization")):
-            status, body, extra = 401, b"Unauthorized\n", {"WWW-Authenticate": "Basic"}
-        else:
-            status, body, extra = 200, b"wattson_up 1\n", {}
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in {**sec.headers, **extra}.items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
-
-class _TestServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, security: WebSecurity) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.security = security
-        if security.ssl_context is not None:
-            # The handshake runs in accept(); a failed one raises SSLError (an OSError), which
-            # socketserver drops after closing that connection.
-            self.socket = security.ssl_context.wrap_socket(self.socket, server_side=True)
-
+# --- wattson's own server -------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def serve(security: WebSecurity) -> Iterator[int]:
-    server = _TestServer(security)
+    """WattsonHTTPServer on a free loopback port, serving an empty snapshot, stopped on exit."""
+    server = WattsonHTTPServer(("127.0.0.1", 0), lambda: EMPTY, security)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        yield int(server.server_address[1])
+        yield server.port
     finally:
         server.shutdown()
         server.server_close()
         thread.join(5)
 
 
+@dataclasses.dataclass
 class Reply:
-    def __init__(self, status: int, headers: http.client.HTTPMessage, body: bytes, tls_version: str | None,
-                 cipher: str | None) -> None:
-        self.status, self.headers, self.body, self.tls_version, self.cipher = (status, headers, body,
-                                                                               tls_version, cipher)
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+    tls_version: str | None
+    cipher: str | None
+    server_cert: bytes | None  # DER
+    serial: str | None
 
 
 def client_context(pki: dict[str, Path], cert: str | None = None, **versions: ssl.TLSVersion) -> ssl.SSLContext:
@@ -242,7 +222,7 @@ def client_context(pki: dict[str, Path], cert: str | None = None, **versions: ss
     return ctx
 
 
-def get(port: int, ctx: ssl.SSLContext | None, auth: tuple[str, str] | None = None) -> Reply:
+def get(port: int, ctx: ssl.SSLContext | None, auth: tuple[str, str] | None = None, path: str = "/healthz") -> Reply:
     conn: http.client.HTTPConnection
     if ctx is None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
@@ -252,15 +232,18 @@ def get(port: int, ctx: ssl.SSLContext | None, auth: tuple[str, str] | None = No
     if auth:
         headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
     try:
-        conn.request("GET", "/metrics", headers=headers)
-        sock = conn.sock  # read now: getresponse() closes it once an HTTP/1.0 reply is in
+        conn.request("GET", path, headers=headers)
+        sock = conn.sock  # read now, before getresponse() may close it
         version = cipher = None
+        cert = serial = None
         if isinstance(sock, ssl.SSLSocket):
             version, negotiated = sock.version(), sock.cipher()
             cipher = negotiated[0] if negotiated else None
+            cert = sock.getpeercert(binary_form=True)
+            serial = str((sock.getpeercert() or {}).get("serialNumber"))
         r = conn.getresponse()
         body = r.read()
-        return Reply(r.status, r.headers, body, version, cipher)
+        return Reply(r.status, r.headers, body, version, cipher, cert, serial)
     finally:
         conn.close()
 
@@ -290,23 +273,25 @@ def test_tls_with_basic_auth_and_headers(pki: dict[str, Path], tmp_path: Path,
     assert sec.ssl_context is not None and sec.auth_required()
     ctx = client_context(pki)
     with serve(sec) as port:
-        ok = get(port, ctx, ("alice", PASSWORD))
-        assert (ok.status, ok.body) == (200, b"wattson_up 1\n")
+        ok = get(port, ctx, ("alice", PASSWORD), path="/metrics")
+        assert ok.status == 200 and b"# TYPE wattson_" in ok.body
         assert ok.tls_version in ("TLSv1.2", "TLSv1.3")
         assert ok.headers["X-Frame-Options"] == "deny"
         assert ok.headers["X-Content-Type-Options"] == "nosniff"
         assert ok.headers["Strict-Transport-Security"] == "max-age=31536000"
         assert get(port, ctx, ("bob", BOB_PASSWORD)).status == 200  # $2y$ (htpasswd) hashes work
 
-        wrong = get(port, ctx, ("alice", "not the password"))
+        wrong = get(port, ctx, ("alice", "not the password"), path="/metrics")
         assert wrong.status == 401
-        assert wrong.headers["WWW-Authenticate"].startswith("Basic")
+        assert wrong.headers["WWW-Authenticate"] == 'Basic realm="wattson"'
         assert wrong.headers["X-Frame-Options"] == "deny"  # headers on every response, like the toolkit
         assert wrong.body == b"Unauthorized\n"
         none = get(port, ctx)
-        assert none.status == 401 and none.headers["WWW-Authenticate"].startswith("Basic")
+        assert none.status == 401 and none.headers["WWW-Authenticate"] == 'Basic realm="wattson"'
         assert get(port, ctx, ("mallory", PASSWORD)).status == 401
         assert get(port, ctx, ("bob", PASSWORD)).status == 401  # alice's password is not bob's
+        for path in ("/", "/readyz", "/nope"):  # every path is behind the password
+            assert get(port, ctx, path=path).status == 401
     for secret in (PASSWORD, BOB_PASSWORD, ALICE_HASH, BOB_HASH):
         assert secret not in caplog.text
         assert secret not in repr(sec)
@@ -448,6 +433,147 @@ def test_cryptography_fallback_pki_works(tmp_path: Path) -> None:
         load_web_config(write_config(tmp_path, TLS.replace("server_key", "enc_key"), **pki))
 
 
+# --- certificate reload ---------------------------------------------------------------------------
+
+def der(cert: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(cert.read_text())
+
+
+@pytest.fixture
+def reload_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Look at the TLS files on every connection, so these tests need not wait a second between steps."""
+    monkeypatch.setattr(webconfig, "TLS_RELOAD_CHECK_SECONDS", 0.0)
+
+
+def secret_volume(root: Path, version: str, files: dict[str, Path]) -> None:
+    """Lay out or update a directory as the kubelet does for a Kubernetes secret (cert-manager's output).
+
+    tls.crt -> ..data/tls.crt and ..data -> ..<version>/; an update writes a new version directory
+    and swaps the ..data link in one rename, so the files change without ever being rewritten.
+    """
+    version_dir = root / f"..{version}"
+    version_dir.mkdir()
+    for name, src in files.items():
+        shutil.copy(src, version_dir / name)
+    tmp_link = root / "..data_tmp"
+    tmp_link.symlink_to(version_dir.name)
+    os.replace(tmp_link, root / "..data")
+    for name in files:
+        if not (root / name).is_symlink():
+            (root / name).symlink_to(f"..data/{name}")
+
+
+def test_rotated_certificate_serves_new_connections(pki: dict[str, Path], tmp_path: Path, reload_now: None,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    vol = tmp_path / "tls"
+    vol.mkdir()
+    secret_volume(vol, "v1", {"tls.crt": pki["server_crt"], "tls.key": pki["server_key"]})
+    sec = load_web_config(write_config(tmp_path, "tls_server_config:\n  cert_file: tls/tls.crt\n"
+                                                 "  key_file: tls/tls.key\n"))
+    ctx = client_context(pki)
+    with serve(sec) as port:
+        before = get(port, ctx)
+        assert before.status == 200 and before.server_cert == der(pki["server_crt"])
+        kept = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=5)
+        kept.request("GET", "/healthz")
+        assert kept.getresponse().read() == b"ok\n"
+
+        secret_volume(vol, "v2", {"tls.crt": pki["server2_crt"], "tls.key": pki["server2_key"]})
+        after = get(port, ctx)
+        assert after.status == 200 and after.server_cert == der(pki["server2_crt"])
+        assert after.serial != before.serial
+        assert get(port, ctx).server_cert == der(pki["server2_crt"])  # and it stays
+
+        kept.request("GET", "/healthz")  # a connection made before the rotation carries on undisturbed
+        assert kept.getresponse().read() == b"ok\n"
+        kept.close()
+    assert "TLS certificate reloaded" in caplog.text
+
+
+def test_broken_new_files_keep_the_old_certificate(pki: dict[str, Path], tmp_path: Path, reload_now: None,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    crt, key = tmp_path / "server.crt", tmp_path / "server.key"
+    shutil.copy(pki["server_crt"], crt)
+    shutil.copy(pki["server_key"], key)
+    sec = load_web_config(write_config(tmp_path, "tls_server_config:\n  cert_file: server.crt\n"
+                                                 "  key_file: server.key\n"))
+    ctx = client_context(pki)
+
+    def warnings() -> list[str]:
+        return [r.kv["err"] for r in caplog.records if r.levelno == logging.WARNING]  # type: ignore[attr-defined]
+
+    with serve(sec) as port:
+        assert get(port, ctx).server_cert == der(pki["server_crt"])
+        # A rotator half way through, writing in place: the new certificate, the old key.
+        crt.write_bytes(pki["server2_crt"].read_bytes())
+        for _ in range(3):
+            reply = get(port, ctx)
+            assert reply.status == 200 and reply.server_cert == der(pki["server_crt"])
+        assert len(warnings()) == 1, warnings()  # once for this set of files, not once per connection
+        assert re.match(rf"{re.escape(str(tmp_path))}/web-config.yml:3: tls_server_config.key_file: "
+                        "private key does not match the certificate$", warnings()[0])
+
+        key.unlink()  # gone for a moment: still the old pair, and one more warning
+        assert get(port, ctx).server_cert == der(pki["server_crt"])
+        assert len(warnings()) == 2 and "cannot read" in warnings()[1]
+
+        key.write_bytes(pki["server2_key"].read_bytes())  # the matching key arrives
+        assert get(port, ctx).server_cert == der(pki["server2_crt"])
+    for text in ("PRIVATE KEY", "BEGIN"):
+        assert text not in caplog.text
+
+
+def test_client_ca_file_is_reloaded_too(pki: dict[str, Path], tmp_path: Path, reload_now: None) -> None:
+    ca = tmp_path / "clients-ca.crt"
+    shutil.copy(pki["ca_crt"], ca)
+    sec = load_web_config(write_config(tmp_path, TLS + "  client_auth_type: RequireAndVerifyClientCert\n"
+                                                       "  client_ca_file: clients-ca.crt\n", **pki))
+    with serve(sec) as port:
+        assert get(port, client_context(pki, "client")).status == 200
+        ca.write_bytes(pki["rogue_crt"].read_bytes())  # a CA that never signed our client
+        with pytest.raises(CONNECTION_FAILED):
+            get(port, client_context(pki, "client"))
+        ca.write_bytes(pki["ca_crt"].read_bytes())
+        assert get(port, client_context(pki, "client")).status == 200
+
+
+def test_files_are_looked_at_no_more_than_once_per_interval(tmp_path: Path) -> None:
+    now = [100.0]
+    built: list[ssl.SSLContext] = []
+
+    def build() -> ssl.SSLContext:
+        built.append(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        return built[-1]
+
+    cert = tmp_path / "tls.crt"
+    cert.write_text("one")
+    source = TlsContextSource(build, [cert], check_seconds=1.0, clock=lambda: now[0])
+    first = source.get()
+    assert built == [first]
+    cert.write_text("two, and longer")
+    now[0] += 0.9
+    assert source.get() is first and len(built) == 1  # changed, but not looked at yet
+    now[0] += 0.2
+    second = source.get()
+    assert second is not first and len(built) == 2 and source.context is second
+    now[0] += 5
+    assert source.get() is second and len(built) == 2  # looked at, unchanged: nothing rebuilt
+
+
+def test_inline_certificates_have_nothing_to_watch(pki: dict[str, Path], tmp_path: Path) -> None:
+    def block(name: str) -> str:
+        return "|\n" + "".join("    " + line + "\n" for line in pki[name].read_text().splitlines())
+
+    sec = load_web_config(write_config(tmp_path, "tls_server_config:\n  cert: " + block("server_crt")
+                                       + "  key: " + block("server_key")))
+    assert sec.tls is not None and sec.tls.files == ()
+    files = load_web_config(write_config(tmp_path, TLS + "  client_auth_type: VerifyClientCertIfGiven\n" + CA,
+                                         **pki))
+    assert files.tls is not None
+    assert files.tls.files == (pki["server_crt"], pki["server_key"], pki["ca_crt"])
+
+
 # --- basic auth and its cache ---------------------------------------------------------------------
 
 def basic(user: str, password: str | bytes) -> str:
@@ -464,7 +590,7 @@ def checkpw_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
         calls.append(hashed)
         return real(password, hashed)
 
-    monkeypatch.setattr(webconfig.bcrypt, "checkpw", counting)
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
     return calls
 
 
@@ -638,8 +764,9 @@ ERRORS = [
     ("basic_auth_users:\n  alice: 12345\n", "basic_auth_users.alice", "must be a bcrypt hash string"),
     (f"basic_auth_users:\n  'a:b': {ALICE_HASH}\n", "basic_auth_users.a:b", "must not contain ':'"),
     (f"basic_auth_users:\n  123: {ALICE_HASH}\n", "basic_auth_users", "non-empty string"),
-    (f"basic_auth_users:\n  alice: {ALICE_HASH}\n  alice: {BOB_HASH}\n", "(yaml)", "duplicate key 'alice'"),
-    (f"basic_auth_users:\n  alice: {ALICE_HASH}\n   bob: [{BOB_HASH}\n", "(yaml)", "line"),
+    (f"basic_auth_users:\n  alice: {ALICE_HASH}\n  alice: {BOB_HASH}\n", "basic_auth_users.alice",
+     "duplicate key (first at line 2)"),
+    (f"basic_auth_users:\n  alice: {ALICE_HASH}\n   bob: [{BOB_HASH}\n", "(yaml)", "invalid YAML"),
 ]
 
 
@@ -651,7 +778,7 @@ def test_config_errors_name_the_file_and_key(pki: dict[str, Path], tmp_path: Pat
     with pytest.raises(WebConfigError) as info:
         load_web_config(str(path))
     msg = str(info.value)
-    assert msg.startswith(f"{path}: {key_path}: "), msg
+    assert re.match(rf"{re.escape(str(path))}(:[1-9][0-9]*)?: {re.escape(key_path)}: ", msg), msg
     assert what in msg, msg
     assert "\n" not in msg
     for secret in (PASSWORD, ALICE_HASH, BOB_HASH, BAD_HASH_COST, "$2b$", "$2y$", "PRIVATE KEY", "BEGIN"):
@@ -675,6 +802,49 @@ def test_unreadable_key_file(pki: dict[str, Path], tmp_path: Path) -> None:
                                          c=pki["server_crt"], k=key))
     finally:
         key.chmod(0o600)
+
+
+def test_bcrypt_is_imported_only_when_users_are_configured(pki: dict[str, Path], tmp_path: Path) -> None:
+    tls_only = write_config(tmp_path, TLS, **pki)
+    with_users = tmp_path / "users.yml"
+    with_users.write_text(USERS)
+    code = (f"import sys; from wattson.webconfig import load_web_config as load; load(None); load({tls_only!r}); "
+            "assert 'bcrypt' not in sys.modules, 'imported without users'; "
+            f"assert load({str(with_users)!r}).auth_required(); assert 'bcrypt' in sys.modules")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                         env={"PYTHONPATH": str(ROOT / "exporter"), "PATH": os.environ.get("PATH", "/usr/bin")})
+    assert run.returncode == 0, run.stderr
+
+
+def test_users_without_bcrypt_installed_are_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "bcrypt", None)  # import bcrypt now raises ImportError
+    path = write_config(tmp_path, "http_server_config:\n  http2: false\n" + USERS)
+    with pytest.raises(WebConfigError, match=rf"^{re.escape(path)}:3: basic_auth_users: needs the Python package "
+                                             "bcrypt"):
+        load_web_config(path)
+    assert not load_web_config(write_config(tmp_path, "http_server_config:\n  http2: false\n")).auth_required()
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"tls_server_config:\n  cert_file: a\ntls_server_config:\n  cert_file: b\n",
+     ":3: tls_server_config: duplicate key (first at line 1)"),
+    (b"http_server_config:\n  headers:\n    X-Frame-Options: deny\n    X-Frame-Options: sameorigin\n",
+     ":4: http_server_config.headers.X-Frame-Options: duplicate key (first at line 3)"),
+    (b"basic_auth_users:\n  alice: x\n  al\xe9ce: y\n", ":3: (file): not UTF-8 text: byte 0xe9 at column 5"),
+    (b"#" * (yamlfile.MAX_BYTES + 1), ": (file): larger than 1 MiB"),
+    (b"# a comment\n\nhttp_server_config:\n  http2: true\n  nope: 1\n", ":5: http_server_config.nope: unknown key"),
+    (b"tls_server_config:\n  cert_file: c\n  key_file: k\n  cipher_suites:\n    - TLS_AES_128_GCM_SHA256\n"
+     b"    - TLS_NOPE\n", ":6: tls_server_config.cipher_suites[1]: unknown cipher"),
+    (b"tls_server_config:\n  cert_file: nope.crt\n  key_file: nope.key\n",
+     ":2: tls_server_config.cert_file: cannot read"),
+])
+def test_file_problems_name_the_line(tmp_path: Path, content: bytes, expected: str) -> None:
+    path = tmp_path / "web-config.yml"
+    path.write_bytes(content)
+    with pytest.raises(WebConfigError) as info:
+        load_web_config(str(path))
+    assert str(info.value).startswith(f"{path}{expected}"), str(info.value)
+    assert "\n" not in str(info.value)
 
 
 # --- the documented example ------------------------------------------------------------------------

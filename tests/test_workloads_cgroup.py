@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from wattson.config import SimJobConfig
+from wattson.gpu.simulated import SimulatedBackend
 from wattson.workloads.cgroup import (
     PodMetadata,
     ProcFS,
@@ -20,6 +22,7 @@ from wattson.workloads.cgroup import (
     parse_stat_start_time,
     parse_status_uid,
 )
+from wattson.workloads.simulated_proc import SimulatedProcFS, simulated_procfs
 
 FIXTURES = Path(__file__).parent / "fixtures" / "proc"
 HOST = FIXTURES / "_host"
@@ -224,3 +227,67 @@ def test_cache_prunes_pids_not_seen_for_a_while(tmp_path):
 def test_bad_bare_process_mode_is_rejected():
     with pytest.raises(ValueError, match="bare_processes"):
         WorkloadResolver(ProcFS(str(FIXTURES)), bare_processes="job")
+
+
+# --- the simulated backend's in-memory /proc --------------------------------------------------------
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 500.0
+
+    def time(self) -> float:
+        return 1_790_000_000.0 + self.t
+
+    def monotonic(self) -> float:
+        return self.t
+
+
+POD_UID = "6f1c2b3a-4d5e-4f60-8a9b-0c1d2e3f4a5b"
+
+
+def simulated(jobs, clock: _Clock) -> SimulatedBackend:
+    return SimulatedBackend(2, "L4", ["training"], 1, clock=clock.time, monotonic=clock.monotonic,
+                            jobs=None if jobs is None else [SimJobConfig(**j) for j in jobs])
+
+
+def test_simulated_procfs_only_for_a_simulated_backend_with_jobs():
+    assert simulated_procfs(object()) is None
+    assert simulated_procfs(simulated(None, _Clock())) is None
+    empty = simulated_procfs(simulated([], _Clock()))
+    assert isinstance(empty, SimulatedProcFS) and empty.jobs == () and empty.users == {} and empty.pods == {}
+
+
+def test_simulated_jobs_resolve_through_the_real_parsers_with_their_users_and_pods():
+    clock = _Clock()
+    backend = simulated([
+        {"kind": "slurm_job", "id": "4242", "gpus": [0, 1], "user": "alice", "uid": 1001, "pid": 300},
+        {"kind": "pod", "id": POD_UID, "gpus": [1], "user": "svc", "uid": 1500, "pod_name": "triton-0",
+         "namespace": "serving", "pid": 400, "end_seconds": 10},
+    ], clock)
+    procfs = simulated_procfs(backend)  # built before start(): no process runs yet
+    assert procfs is not None
+    assert procfs.users == {1001: "alice", 1500: "svc"}
+    assert list(procfs.pods.values()) == [("triton-0", "serving")]
+    with pytest.raises(FileNotFoundError):
+        procfs.read_text(300, "cgroup")
+    backend.start()
+    assert backend.origin == clock.monotonic()
+    r = WorkloadResolver(procfs, UserNames(resolve=False, known=procfs.users), PodMetadata((), known=procfs.pods),
+                         "user")
+    assert r.resolve(300) == r.resolve(301) == Workload("slurm_job", "4242", "alice")
+    assert r.resolve(400) == Workload("pod", POD_UID, "svc", "triton-0", "serving")
+    assert parse_stat_start_time(procfs.read_text(400, "stat")) == backend.jobs[1].start_ticks
+    with pytest.raises(FileNotFoundError):
+        procfs.read_text(300, "environ")
+    clock.t += 10.0  # the pod's job ended
+    with pytest.raises(FileNotFoundError):
+        procfs.read_text(400, "status")
+    assert procfs.read_text(301, "status").count("Uid:\t1001\t1001\t1001\t1001\n") == 1
+
+
+def test_simulated_gpus_report_their_jobs_processes_and_only_with_jobs():
+    clock = _Clock()
+    assert simulated(None, clock).start()[0].read().processes is None
+    assert simulated([], clock).start()[0].read().processes == ()
+    gpus = simulated([{"kind": "process", "gpus": [1], "pid": 77}], clock).start()
+    assert gpus[0].read().processes == () and [p.pid for p in gpus[1].read().processes] == [77]

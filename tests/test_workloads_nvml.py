@@ -8,7 +8,7 @@ import pynvml
 import pytest
 
 from wattson.gpu.base import GpuProcess
-from wattson.workloads.nvml_processes import read_processes
+from wattson.gpu.nvml_processes import SERIOUS_ERRORS, read_processes
 
 GiB = 1024**3
 HANDLE = object()
@@ -137,6 +137,25 @@ def test_gpu_level_failures_propagate_for_the_backend_to_handle(nvml, code, cls)
     nvml.install("nvmlDeviceGetProcessUtilization", raiser(code))
     with pytest.raises(getattr(pynvml, cls)):
         read_processes(pynvml, HANDLE, 0)
+
+
+@pytest.mark.parametrize("code", sorted(SERIOUS_ERRORS))
+def test_every_serious_error_propagates_from_both_calls(nvml, code):
+    nvml.install("nvmlDeviceGetComputeRunningProcesses", raiser(code))
+    with pytest.raises(pynvml.NVMLError) as info:
+        read_processes(pynvml, HANDLE, 0)
+    assert info.value.value == code
+    nvml.install("nvmlDeviceGetComputeRunningProcesses", lambda h: [proc(1)])
+    nvml.install("nvmlDeviceGetProcessUtilization", raiser(code))
+    with pytest.raises(pynvml.NVMLError) as info:
+        read_processes(pynvml, HANDLE, 0)
+    assert info.value.value == code
+
+
+def test_serious_errors_include_reset_required_and_a_missing_library():
+    assert {pynvml.NVML_ERROR_RESET_REQUIRED, pynvml.NVML_ERROR_LIBRARY_NOT_FOUND,
+            pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_DRIVER_NOT_LOADED,
+            pynvml.NVML_ERROR_UNINITIALIZED} <= SERIOUS_ERRORS
 
 
 def test_mig_processes_carry_their_gpu_instance_and_no_sm(nvml):

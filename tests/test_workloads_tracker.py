@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import T0, Clock, ScriptedSource, run_for
 from wattson.accounting import StepCharge
-from wattson.config import SamplerConfig, SimJobConfig, WorkloadsConfig, parse_config
+from wattson.config import SimJobConfig, WorkloadsConfig, parse_config
 from wattson.energy import EnergyStep
 from wattson.exposition import Exposition
 from wattson.gpu.base import GpuProcess, GpuReading
@@ -45,16 +45,22 @@ class Wrapped:
 
 
 class Capture:
-    """An extra step listener: the exact per-GPU totals the sampler accounted, for comparison."""
+    """Stands between the sampler and the tracker: records the exact per-GPU totals the sampler accounted,
+    for comparison, and passes every step on."""
 
-    def __init__(self) -> None:
+    def __init__(self, tracker: WorkloadTracker) -> None:
+        self.tracker = tracker
         self.lock = threading.Lock()
         self.energy: dict[int, ExactSum] = {}
         self.cost: dict[tuple[int, str], ExactSum] = {}
         self.credit: dict[tuple[int, str], ExactSum] = {}
         self.grams: dict[int, ExactSum] = {}
 
-    def __call__(self, gpu, uuid, step, charge, reading) -> None:
+    def snapshot(self, now):
+        return self.tracker.snapshot(now)
+
+    def on_step(self, gpu, uuid, step, charge, reading) -> None:
+        self.tracker.on_step(gpu, uuid, step, charge, reading)
         with self.lock:
             self.energy.setdefault(gpu, ExactSum()).add(step.joules)
             for currency, amount in charge.cost:
@@ -73,14 +79,13 @@ def make(clock: Clock, jobs: list[dict] | None, count: int, price_sources=None, 
     carbon = SignalChain("carbon", "DE", 7200, [StaticSource("carbon", "DE", 380.0, None)], clock=clock.time)
     price.poll_due()
     carbon.poll_due()
-    sampler = Sampler(backend, SamplerConfig(interval_seconds=1.0), GridSignals(pue=pue, carbon=carbon, price=price),
-                      clock=clock.time)
+    sampler = Sampler(backend, grid=GridSignals(pue=pue, carbon=carbon, price=price), clock=clock.time)
     sampler.start_backend()
     for index, extra in (wrap or {}).items():
-        sampler.workers[index].replace_device(Wrapped(sampler.workers[index].device, extra))
+        sampler.gpus[index].replace_device(Wrapped(sampler.gpus[index].device, extra))
     tracker = attach(sampler, backend, WorkloadsConfig(enabled=True, **workloads))
-    capture = Capture()
-    sampler.listeners.append(capture)
+    capture = Capture(tracker)
+    sampler.workloads = capture
     sampler.sample_round()  # baseline readings
     return sampler, tracker, capture
 
@@ -315,7 +320,7 @@ def test_attribution_failure_keeps_the_step_and_the_gpu(caplog):
     assert "workload attribution failed" in caplog.text
 
 
-def test_concurrent_listeners_and_renders_lose_nothing_and_rendered_families_stay_immutable():
+def test_concurrent_steps_and_snapshots_lose_nothing_and_published_snapshots_stay_as_they_were():
     now = [T0]
     resolver = WorkloadResolver(ProcFS(str(FIXTURES)), UserNames(resolve=False))
     tracker = WorkloadTracker(resolver, 3600, 1000, clock=lambda: now[0])
@@ -334,14 +339,15 @@ def test_concurrent_listeners_and_renders_lose_nothing_and_rendered_families_sta
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    first = tracker.families(now[0])
-    frozen = [[(s.name, tuple(sorted(s.labels.items())), s.value) for s in f.samples] for f in first]
+    first = tracker.snapshot(now[0])
+    frozen = repr(first)
     renders = []
     stop = threading.Event()
 
     def render() -> None:
         while not stop.wait(0.002):
-            renders.append(tracker.families(now[0]))
+            snap = tracker.snapshot(now[0])
+            renders.append((snap, repr(snap)))
 
     threads = [threading.Thread(target=worker, args=(g,)) for g in range(8)]
     renderer = threading.Thread(target=render)
@@ -353,7 +359,8 @@ def test_concurrent_listeners_and_renders_lose_nothing_and_rendered_families_sta
     stop.set()
     renderer.join()
     assert not errors
-    assert [[(s.name, tuple(sorted(s.labels.items())), s.value) for s in f.samples] for f in first] == frozen
+    assert repr(first) == frozen
+    assert all(repr(snap) == text for snap, text in renders)  # nothing published was changed afterwards
     totals = tracker.exact_totals()
     for gpu in range(8):
         energy = sum((v["energy_joules"] for k, v in totals.items() if k[0] == gpu), Fraction(0))
@@ -366,15 +373,13 @@ def test_concurrent_listeners_and_renders_lose_nothing_and_rendered_families_sta
     assert renders
 
 
-def test_attach_asks_a_process_capable_backend_to_collect_and_shows_overflow_counters_from_the_start():
+def test_attach_wires_the_tracker_and_shows_overflow_counters_from_the_start():
     clock = Clock()
     backend = SimulatedBackend(2, "L4", ["idle"], 1, clock=clock.time, monotonic=clock.monotonic)
-    backend.collect_processes = False  # type: ignore[attr-defined]
-    sampler = Sampler(backend, SamplerConfig(), clock=clock.time)
+    sampler = Sampler(backend, clock=clock.time)
     sampler.start_backend()
     tracker = attach(sampler, backend, WorkloadsConfig(enabled=True, proc_root=str(FIXTURES)))
-    assert backend.collect_processes is True  # type: ignore[attr-defined]
-    assert tracker.on_step in sampler.listeners and tracker.families in sampler.extra_families
+    assert sampler.workloads is tracker
     sampler.sample_round()
     m = scrape(sampler)
     assert sorted(lb["gpu"] for lb, _ in m["wattson_workload_overflow_attributions_total"]) == ["0", "1"]

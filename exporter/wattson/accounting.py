@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .energy import EnergyStep
-from .grid.signal import GridSignals
+from .grid.signal import ChainState, GridSignals, Value
 
 JOULES_PER_KWH = 3_600_000.0
 
@@ -39,7 +39,7 @@ class AccountSnapshot:
 
 @dataclass(frozen=True)
 class StepCharge:
-    """What one energy step cost, for per-workload attribution (issue 6) and tests."""
+    """What one energy step cost, for per-workload attribution and tests."""
 
     facility_joules: float
     cost: tuple[tuple[str, float], ...]  # currency -> signed amount
@@ -47,16 +47,48 @@ class StepCharge:
     unpriced: tuple[tuple[str, float], ...]  # signal -> joules
 
 
-def charge(step: EnergyStep, grid: GridSignals, now: float) -> StepCharge:
-    """Price and weigh one step. Pure: reads the chains' current immutable state only."""
-    joules = step.joules * grid.pue
+class _SignalInForce:
+    """One signal's chain state as taken at the start of a round, with the value last found in force.
+
+    Every GPU of a round reads at nearly the same moments, so a step usually lies inside the interval
+    the previous GPU's step found: that interval answers without another lookup."""
+
+    def __init__(self, state: ChainState, now: float) -> None:
+        self.state = state
+        self.now = now
+        self._last: Value | None = None
+
+    def split(self, t0: float, t1: float) -> list[tuple[float, Value | None]]:
+        last = self._last
+        # Only the preferred source's interval can answer alone: a fallback's may be overtaken mid-step.
+        if last is not None and last.interval.start <= t0 and t1 <= last.interval.end and t1 > t0:
+            return [(1.0, last)]
+        pieces = self.state.split(t0, t1, self.now)
+        if len(pieces) == 1 and pieces[0][1] is not None and pieces[0][1].source_index == 0:
+            self._last = pieces[0][1]
+        return pieces
+
+
+class Tariff:
+    """Price, carbon intensity and PUE as they stand for one sampling round: taken once per round, so
+    every GPU of the round is priced from the same data, whatever a source fetch changes meanwhile."""
+
+    def __init__(self, grid: GridSignals, now: float) -> None:
+        self.pue = grid.pue
+        self.price = _SignalInForce(grid.price.state, now) if grid.price is not None else None
+        self.carbon = _SignalInForce(grid.carbon.state, now) if grid.carbon is not None else None
+
+
+def charge(step: EnergyStep, tariff: Tariff) -> StepCharge:
+    """Price and weigh one step. Pure: reads the chains' immutable states taken for the round."""
+    joules = step.joules * tariff.pue
     cost: dict[str, float] = {}
     grams = 0.0
     unpriced: dict[str, float] = {}
     if joules == 0.0:
         return StepCharge(0.0, (), 0.0, ())
-    if grid.price is not None:
-        for fraction, value in grid.price.state.split(step.start, step.end, now):
+    if tariff.price is not None:
+        for fraction, value in tariff.price.split(step.start, step.end):
             part = joules * fraction
             if value is None or value.currency is None:
                 unpriced["price"] = unpriced.get("price", 0.0) + part
@@ -64,8 +96,8 @@ def charge(step: EnergyStep, grid: GridSignals, now: float) -> StepCharge:
                 cost[value.currency] = cost.get(value.currency, 0.0) + part / JOULES_PER_KWH * value.value
     else:
         unpriced["price"] = joules
-    if grid.carbon is not None:
-        for fraction, value in grid.carbon.state.split(step.start, step.end, now):
+    if tariff.carbon is not None:
+        for fraction, value in tariff.carbon.split(step.start, step.end):
             part = joules * fraction
             if value is None:
                 unpriced["carbon"] = unpriced.get("carbon", 0.0) + part

@@ -12,14 +12,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from types import FrameType
 
 from . import __version__, logfmt
 from .config import Config, ConfigError, load_config, parse_listen_address
 from .gpu.base import BackendUnavailable, GpuBackend
-from .grid.registry import build_source
-from .grid.signal import GridSignals, SignalChain
+from .grid.registry import build_grid
+from .logfmt import kv
 from .sampler import Sampler
 from .snapshot import Budgets
 from .webconfig import WebConfigError, WebSecurity, load_web_config
@@ -70,6 +69,7 @@ def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
 
 
 def build_backend(cfg: Config) -> GpuBackend:
+    """The configured GPU backend; it lists each GPU's processes only when workloads are accounted."""
     if cfg.gpu.backend == "simulated":
         from .gpu.simulated import SimulatedBackend
 
@@ -77,34 +77,7 @@ def build_backend(cfg: Config) -> GpuBackend:
         return SimulatedBackend(s.count, s.model, list(s.profiles), s.seed, s.energy_counter, jobs=s.jobs)
     from .gpu.nvml import NvmlBackend
 
-    return NvmlBackend()
-
-
-def _price_transform(adder: float, multiplier: float) -> Callable[[float], float]:
-    return lambda v: (v + adder) * multiplier
-
-
-def build_grid(cfg: Config) -> GridSignals:
-    """Build the signal chains; a source that rejects its settings is a config error naming its key."""
-    chains: dict[str, SignalChain] = {}
-    for signal_name in ("carbon", "price"):
-        sig = getattr(cfg.grid, signal_name)
-        if sig is None:
-            continue
-        sources, transforms = [], []
-        for i, src_cfg in enumerate(sig.sources):
-            try:
-                sources.append(build_source(signal_name, src_cfg, sig.zone))
-            except (ValueError, KeyError) as exc:
-                raise ConfigError(f"grid.{signal_name}.sources[{i}] ({src_cfg.type}): {exc}") from None
-            if signal_name == "price":
-                transforms.append(_price_transform(getattr(src_cfg, "adder_per_kwh", 0.0),
-                                                   getattr(src_cfg, "multiplier", 1.0)))
-            else:
-                transforms.append(lambda v: v)
-        chains[signal_name] = SignalChain(signal_name, sig.zone, sig.max_age_seconds, sources,  # type: ignore[arg-type]
-                                          transforms)
-    return GridSignals(pue=cfg.grid.pue, carbon=chains.get("carbon"), price=chains.get("price"))
+    return NvmlBackend(collect_processes=cfg.workloads.enabled)
 
 
 def build_budgets(cfg: Config) -> Budgets:
@@ -136,7 +109,10 @@ class App:
         self.grid = build_grid(cfg)
         security = load_security(cfg.web.config_file)
         self.backend = build_backend(cfg)
-        self.sampler = Sampler(self.backend, cfg.sampler, self.grid, build_budgets(cfg),
+        self.sampler = Sampler(self.backend, interval_seconds=cfg.sampler.interval_seconds,
+                               gpu_timeout_seconds=cfg.sampler.gpu_timeout_seconds,
+                               max_power_watts=cfg.sampler.max_power_watts, grid=self.grid,
+                               budgets=build_budgets(cfg),
                                init_retry=(cfg.gpu.nvml.init_retry_initial_seconds,
                                            cfg.gpu.nvml.init_retry_max_seconds))
         from .web import WattsonHTTPServer
@@ -157,10 +133,9 @@ class App:
         self.sampler.start()
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, name="http",
                          daemon=True).start()
-        log.info("wattson started", extra={"kv": {"version": __version__, "listen": self.cfg.web.listen_address,
-                                                  "backend": self.backend.name,
-                                                  "gpus": len(self.sampler.workers),
-                                                  "tls": self.tls_enabled()}})
+        log.info("wattson started", extra=kv(version=__version__, listen=self.cfg.web.listen_address,
+                                             backend=self.backend.name, gpus=len(self.sampler.gpus),
+                                             tls=self.tls_enabled()))
 
     def tls_enabled(self) -> bool:
         return getattr(self.server.security, "ssl_context", None) is not None
@@ -181,22 +156,18 @@ class App:
             new = apply_flags(load_config(path), self.args)
             new_grid = build_grid(new)
         except ConfigError as exc:
-            log.error("config reload rejected; keeping the running config", extra={"kv": {"err": str(exc)}})
+            log.error("config reload rejected; keeping the running config", extra=kv(err=str(exc)))
             return
         for key in ("gpu", "web"):
             if getattr(new, key) != getattr(self.cfg, key):
-                log.warning("config section changed but needs a restart to apply", extra={"kv": {"section": key}})
-        old_grid = self.grid
+                log.warning("config section changed but needs a restart to apply", extra=kv(section=key))
         self.grid = new_grid
         new_grid.start()
-        self.sampler.grid = new_grid
-        for w in self.sampler.workers:
-            w.grid = new_grid
-        self.sampler.budgets = build_budgets(new)
+        old_grid = self.sampler.replace_grid(new_grid, build_budgets(new))
         logging.getLogger().setLevel(logfmt.LEVELS[new.log_level])
         old_grid.stop()
         self.cfg = new
-        log.info("config reloaded", extra={"kv": {"file": path or "(defaults)"}})
+        log.info("config reloaded", extra=kv(file=path or "(defaults)"))
 
     def stop(self) -> None:
         """Clean exit within about a second even with a hung GPU, hanging APIs or stalled clients:

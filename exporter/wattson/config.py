@@ -1,18 +1,18 @@
 """The configuration file: one YAML document validated by pydantic.
 
-Unknown keys are errors. Every failure becomes a ConfigError whose one-line message
-names the file, the key path and what was expected.
+Unknown and duplicate keys are errors. Every failure becomes a ConfigError whose one-line message
+names the file, the line, the key path and what was expected.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
+from . import yamlfile
 from .grid.registry import CARBON_SOURCES, PRICE_SOURCES
 from .model import StrictModel
 
@@ -207,46 +207,11 @@ def parse_listen_address(value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _key_path(loc: tuple[Any, ...]) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif item in CARBON_SOURCES or item in PRICE_SOURCES:
-            # pydantic inserts the union tag into the location; it is not a key the user wrote
-            continue
-        else:
-            parts.append(("." if parts else "") + str(item))
-    return "".join(parts) or "(top level)"
-
-
-def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
-    """Best effort: the line where the innermost key of `loc` is written in the YAML file."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for item in loc:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                if key_node.value == item:
-                    line, node = key_node.start_mark.line + 1, value_node
-                    break
-            else:
-                return line
-        elif isinstance(node, yaml.SequenceNode) and isinstance(item, int) and item < len(node.value):
-            node = node.value[item]
-            line = node.start_mark.line + 1
-    return line
-
-
-def format_validation_error(exc: ValidationError, source: str, text: str = "") -> str:
-    errors = exc.errors()
-    err = errors[0]
-    path = _key_path(tuple(err["loc"]))
-    line = _line_of(text, tuple(err["loc"])) if text else None
-    where = f"{source}:{line}" if line else source
+def _describe(err: ErrorDetails) -> tuple[tuple[Any, ...], str]:
+    """Where (as the user wrote it) and what, for one pydantic error in this config."""
+    # pydantic inserts the union tag into the location; it is not a key the user wrote
+    loc = tuple(item for item in err["loc"]
+                if isinstance(item, int) or (item not in CARBON_SOURCES and item not in PRICE_SOURCES))
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key (check spelling; see docs/configuration.md)"
@@ -254,8 +219,12 @@ def format_validation_error(exc: ValidationError, source: str, text: str = "") -
         msg = "required key is missing"
     elif "input" in err and isinstance(err["input"], (str, int, float, bool)):
         msg = f"{msg} (got {err['input']!r})"  # scalars only: a whole mapping would not fit one line
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    return f"{where}: {path}: {msg}{more}"
+    return loc, msg
+
+
+def format_validation_error(exc: ValidationError, source: str, doc: yamlfile.YamlDocument | None = None) -> str:
+    """One line, "<source>:<line>: <key path>: <what>"; the line when `doc` is the file validated."""
+    return yamlfile.format_validation_error(exc, source, doc, _describe)
 
 
 def load_config(path: str | None) -> Config:
@@ -263,25 +232,25 @@ def load_config(path: str | None) -> Config:
     if path is None:
         return Config()
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
-    return parse_config(text, path)
+        doc = yamlfile.read(path)
+    except yamlfile.YamlFileError as exc:
+        raise ConfigError(str(exc)) from None
+    return _validate(doc)
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
-    if data is None:
-        data = {}
+        doc = yamlfile.parse(text, source)
+    except yamlfile.YamlFileError as exc:
+        raise ConfigError(str(exc)) from None
+    return _validate(doc)
+
+
+def _validate(doc: yamlfile.YamlDocument) -> Config:
+    data = {} if doc.data is None else doc.data
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: (top level): expected a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(str(doc.error((), f"expected a mapping of keys, got {type(data).__name__}")))
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source, text)) from None
+        raise ConfigError(format_validation_error(exc, doc.source, doc)) from None

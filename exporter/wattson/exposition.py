@@ -13,12 +13,14 @@ from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import __version__
 from .gpu.base import ERROR_KINDS
 from .grid.base import ERROR_REASONS
 from .snapshot import Snapshot
+from .workloads.snapshot import WorkloadSnapshot
 
 GPU = ["gpu", "uuid"]
 
@@ -43,8 +45,8 @@ def snapshot_metrics(snap: Snapshot) -> Iterator[Metric]:
                                "UNIX time of the last completed sampling round.")
         ts.add_metric([], snap.timestamp)
         yield ts
-    for family in snap.extra:
-        yield from family  # type: ignore[misc]
+    if snap.workloads is not None:
+        yield from _workload_metrics(snap.workloads)
 
 
 def _gpu_metrics(snap: Snapshot) -> Iterator[Metric]:
@@ -136,19 +138,21 @@ def _grid_metrics(snap: Snapshot) -> Iterator[Metric]:
             index.add_metric([s.signal, s.zone], s.source_index)
     yield from (intensity, price, info, age, index)
     up = GaugeMetricFamily("wattson_source_up", "1 if the last fetch from this grid source succeeded.",
-                           labels=["source"])
+                           labels=["signal", "source"])
     errors = CounterMetricFamily("wattson_source_errors", "Failed or rejected grid source fetches by reason.",
-                                 labels=["source", "reason"])
+                                 labels=["signal", "source", "reason"])
     last = GaugeMetricFamily("wattson_source_last_success_timestamp_seconds",
-                             "UNIX time of the last successful fetch from this grid source.", labels=["source"])
+                             "UNIX time of the last successful fetch from this grid source.",
+                             labels=["signal", "source"])
     for src in snap.sources:
+        lv = [src.signal, src.source]
         if src.up is not None:
-            up.add_metric([src.source], 1 if src.up else 0)
+            up.add_metric(lv, 1 if src.up else 0)
         counts = dict(src.errors)
         for reason in ERROR_REASONS:
-            errors.add_metric([src.source, reason], counts.get(reason, 0))
+            errors.add_metric(lv + [reason], counts.get(reason, 0))
         if src.last_success is not None:
-            last.add_metric([src.source], src.last_success)
+            last.add_metric(lv, src.last_success)
     yield from (up, errors, last)
 
 
@@ -171,6 +175,48 @@ def _budget_metrics(snap: Snapshot) -> Iterator[Metric]:
                                "Configured grid carbon intensity alert threshold, gCO2e per kWh.")
         th.add_metric([], b.intensity_threshold)
         yield th
+
+
+WORKLOAD = ["kind", "workload", "gpu", "uuid"]
+
+
+def _workload_metrics(w: WorkloadSnapshot) -> Iterator[Metric]:
+    energy = CounterMetricFamily("wattson_workload_energy_joules", "GPU energy (no PUE) attributed to the "
+                                 "workload on this GPU, in joules.", labels=WORKLOAD)
+    cost = CounterMetricFamily("wattson_workload_cost", "Money paid for the workload's energy (x PUE) on "
+                               "this GPU at positive prices. Net = cost - cost_credit.",
+                               labels=WORKLOAD + ["currency"])
+    credit = CounterMetricFamily("wattson_workload_cost_credit", "Money earned for the workload's energy "
+                                 "(x PUE) on this GPU at negative prices, as a positive amount.",
+                                 labels=WORKLOAD + ["currency"])
+    co2e = CounterMetricFamily("wattson_workload_co2e_grams", "CO2-equivalent attributed to the workload's "
+                               "energy (x PUE) on this GPU, in grams.", labels=WORKLOAD)
+    info = GaugeMetricFamily("wattson_workload_info", "Workload description; always 1. user is the owner, "
+                             "pod and namespace are set where the container runtime names them.",
+                             labels=["kind", "workload", "user", "pod", "namespace"])
+    methods = GaugeMetricFamily("wattson_workload_attribution_info", "How the GPU's last step was split: "
+                                "sm_utilization, memory, equal, mig_memory (GPU-instance memory share), "
+                                "idle or unattributed; always 1.", labels=GPU + ["method"])
+    overflow = CounterMetricFamily("wattson_workload_overflow_attributions", "Shares of GPU steps charged to "
+                                   "kind=\"overflow\" because max_series workload series existed.", labels=GPU)
+    series = GaugeMetricFamily("wattson_workload_series", "Workload series exported now (idle, "
+                               "unattributed and overflow excluded), limited by workloads.max_series.")
+    for s in w.series:
+        lv = [s.kind, s.workload, str(s.gpu), s.uuid]
+        energy.add_metric(lv, s.energy_joules)
+        for currency, amount in s.cost:
+            cost.add_metric(lv + [currency], amount)
+        for currency, amount in s.credit:
+            credit.add_metric(lv + [currency], amount)
+        co2e.add_metric(lv, s.co2e_grams)
+    for i in w.info:
+        info.add_metric([i.kind, i.workload, i.user, i.pod, i.namespace], 1)
+    for g in w.gpus:
+        if g.method is not None:
+            methods.add_metric([str(g.gpu), g.uuid, g.method], 1)
+        overflow.add_metric([str(g.gpu), g.uuid], g.overflowed)
+    series.add_metric([], w.workload_series)
+    yield from (energy, cost, credit, co2e, info, methods, overflow, series)
 
 
 class _SnapshotCollector(Collector):
@@ -196,6 +242,8 @@ class Exposition:
         self._collector = _SnapshotCollector()
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(self._collector)
+        # process_* (CPU, memory, open files, start time), as every exporter has; read at render time.
+        ProcessCollector(registry=self._registry)
         self._lock = threading.Lock()
         self._cached: Rendered | None = None
 

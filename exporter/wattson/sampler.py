@@ -1,8 +1,11 @@
 """The sampler: reads every GPU on an interval and publishes immutable snapshots.
 
-Each GPU has its own worker thread, so a driver call that hangs on one GPU costs that GPU only:
-the round waits at most `gpu_timeout_seconds`, marks the hung GPU down and goes on. Scrapes never
-call NVML; they read `Sampler.snapshot`, which is replaced atomically after every round.
+One reader thread reads the GPUs of a round one after the other, so a round costs two thread
+wake-ups however many GPUs there are. A driver call that hangs costs that GPU only: when a read
+outlives `gpu_timeout_seconds`, the GPU is marked down (hung), the stuck reader is left inside the
+driver and a fresh reader carries on with the rest of the round. The hung GPU is skipped until its
+call returns. Scrapes never call NVML; they read `Sampler.snapshot`, replaced atomically after
+every round.
 """
 
 from __future__ import annotations
@@ -11,108 +14,82 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Protocol
 
 from . import accounting
-from .accounting import GpuAccount, StepCharge
-from .config import SamplerConfig
+from .accounting import GpuAccount, StepCharge, Tariff
 from .energy import EnergyMeter, EnergyStep
 from .gpu.base import BackendUnavailable, GpuBackend, GpuDevice, GpuReadError, GpuReading
 from .grid.signal import GridSignals
-from .snapshot import EMPTY, Budgets, GpuSnapshot, SignalNow, Snapshot, SourceSnapshot
+from .logfmt import kv
+from .snapshot import EMPTY, Budgets, GpuSnapshot, Snapshot
+from .workloads.snapshot import WorkloadSnapshot
 
 log = logging.getLogger("wattson.sampler")
 
-# Called after each accounted step with (gpu snapshot identity index, uuid, step, charge, reading).
-StepListener = Callable[[int, str, EnergyStep, StepCharge, GpuReading], None]
+
+class WorkloadAccounting(Protocol):
+    """What the sampler needs from per-workload accounting (kept optional: it is off by default)."""
+
+    def on_step(self, gpu_index: int, uuid: str, step: EnergyStep, charge: StepCharge,
+                reading: GpuReading) -> None:
+        """Charge one accounted step of one GPU to the workloads that ran on it."""
+        ...
+
+    def snapshot(self, now: float) -> WorkloadSnapshot:
+        """The workload totals as they stand after a round, immutable."""
+        ...
 
 
-@dataclass
-class _Job:
-    done: threading.Event
-    started: float
+class GpuState:
+    """One GPU's device, energy meter, account and last published snapshot."""
 
-
-class GpuWorker:
-    """Owns one GPU's meter and account; its thread performs one read per submitted job."""
-
-    def __init__(self, device: GpuDevice, max_power_watts: float, grid: GridSignals,
-                 listeners: list[StepListener], clock: Callable[[], float]) -> None:
+    def __init__(self, device: GpuDevice, max_power_watts: float) -> None:
         self.device = device
         self.identity = device.identity
         self.meter = EnergyMeter(max_power_watts)
         self.account = GpuAccount()
-        self.grid = grid
-        self.listeners = listeners
-        self.clock = clock
         self.errors: dict[str, int] = {}
         self.reinit_requested = False
         self.hung_reported = False
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._job: _Job | None = None
-        self._stopping = False
+        self.read_since: float | None = None  # monotonic start of a driver call still in progress
         self.snapshot = GpuSnapshot(self.identity, False, None, 0.0, "unknown", ())
-        self.thread = threading.Thread(target=self._run, name=f"gpu-{self.identity.index}", daemon=True)
-        self.thread.start()
 
-    @property
-    def busy(self) -> _Job | None:
-        return self._job
-
-    def submit(self) -> _Job | None:
-        """Start one read; None if the previous read has not returned yet (hung)."""
-        with self._lock:
-            if self._job is not None:
-                return None
-            self._job = _Job(threading.Event(), time.monotonic())
-            self._wake.notify()
-            return self._job
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while self._job is None and not self._stopping:
-                    self._wake.wait()
-                if self._stopping:
-                    return
-                job = self._job
-            assert job is not None
-            try:
-                self._read_once()
-            except Exception:  # never let one GPU's bug kill its thread silently
-                log.exception("unexpected error reading GPU", extra={"kv": {"gpu": self.identity.index}})
-                self._count("unknown")
-                self._publish(up=False)
-            finally:
-                with self._lock:
-                    self._job = None
-                job.done.set()
-
-    def _read_once(self) -> None:
+    def read(self) -> GpuReading | GpuReadError:
+        """One driver read; never raises (a bug in a backend costs its GPU one reading)."""
         try:
-            reading = self.device.read()
+            return self.device.read()
         except GpuReadError as exc:
-            self._count(exc.kind)
+            return exc
+        except Exception as exc:
+            log.exception("unexpected error reading GPU", extra=kv(gpu=self.identity.index))
+            return GpuReadError("unknown", f"GPU {self.identity.index}: {type(exc).__name__}: {exc}")
+
+    def record(self, outcome: GpuReading | GpuReadError, tariff: Tariff,
+               workloads: WorkloadAccounting | None) -> None:
+        """Account what one read returned and publish the GPU's new snapshot."""
+        if isinstance(outcome, GpuReadError):
+            self._count(outcome.kind)
             self.meter.gap()
-            if exc.reinit:
+            if outcome.reinit:
                 self.reinit_requested = True
-            log.warning("GPU read failed", extra={"kv": {"gpu": self.identity.index, "uuid": self.identity.uuid,
-                                                         "error": exc.kind, "err": str(exc)}})
+            log.warning("GPU read failed", extra=kv(gpu=self.identity.index, uuid=self.identity.uuid,
+                                                    error=outcome.kind, err=str(outcome)))
             self._publish(up=False)
             return
+        reading = outcome
         self.hung_reported = False
         step = self.meter.update(reading)
         if step is not None:
             if step.reset:
                 self._count("counter_reset")
                 log.warning("energy counter reset; step not counted",
-                            extra={"kv": {"gpu": self.identity.index, "uuid": self.identity.uuid}})
+                            extra=kv(gpu=self.identity.index, uuid=self.identity.uuid))
             elif step.joules > 0:
-                charge = accounting.charge(step, self.grid, self.clock())
+                charge = accounting.charge(step, tariff)
                 accounting.apply(self.account, charge)
-                for listener in self.listeners:
-                    listener(self.identity.index, self.identity.uuid, step, charge, reading)
+                if workloads is not None:
+                    workloads.on_step(self.identity.index, self.identity.uuid, step, charge, reading)
         self._publish(up=True, reading=reading)
 
     def _count(self, kind: str) -> None:
@@ -131,12 +108,12 @@ class GpuWorker:
         )
 
     def mark_hung(self) -> None:
-        """Called by the sampler when a read outlives the timeout; counted once per hang."""
+        """A read outlived the timeout, or a GPU is still inside the call that did; counted once per hang."""
         if not self.hung_reported:
             self.hung_reported = True
             self._count("hung")
-            log.warning("GPU read hung; marking GPU down", extra={"kv": {"gpu": self.identity.index,
-                                                                         "uuid": self.identity.uuid}})
+            log.warning("GPU read hung; marking GPU down", extra=kv(gpu=self.identity.index,
+                                                                    uuid=self.identity.uuid))
         self.meter.gap()
         self._publish(up=False)
 
@@ -144,41 +121,124 @@ class GpuWorker:
         self.device = device
         self.reinit_requested = False
 
+
+class _Round:
+    """The GPUs one round reads, in order, and how far its current reader got. Guarded by `lock`."""
+
+    def __init__(self, gpus: list[GpuState], tariff: Tariff, workloads: WorkloadAccounting | None) -> None:
+        self.gpus = gpus
+        self.tariff = tariff
+        self.workloads = workloads
+        self.position = 0  # the next GPU to read
+        self.read_started: float | None = None  # monotonic start of the driver call in progress
+        self.reader: _Reader | None = None  # the reader whose results count; others were abandoned
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+
+class _Reader:
+    """A thread that reads the GPUs of the rounds it is given. It is abandoned, never reused, once a
+    driver call hangs in it: it then only leaves the driver, drops that result and exits."""
+
+    def __init__(self, name: str) -> None:
+        self._wake = threading.Condition(threading.Lock())
+        self._round: _Round | None = None
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, rnd: _Round) -> None:
+        with self._wake:
+            self._round = rnd
+            self._wake.notify()
+
     def stop(self) -> None:
-        with self._lock:
+        with self._wake:
             self._stopping = True
             self._wake.notify()
 
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._round is None and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                rnd, self._round = self._round, None
+            assert rnd is not None
+            if not self._read(rnd):
+                return
+
+    def _read(self, rnd: _Round) -> bool:
+        """Read the round's GPUs from its current position; False once this reader was abandoned."""
+        while True:
+            with rnd.lock:
+                if rnd.reader is not self:
+                    return False
+                if rnd.position >= len(rnd.gpus):
+                    rnd.done.set()
+                    return True
+                gpu = rnd.gpus[rnd.position]
+                rnd.read_started = gpu.read_since = time.monotonic()
+            outcome = gpu.read()
+            with rnd.lock:
+                gpu.read_since = None
+                if rnd.reader is not self:
+                    return False  # declared hung meanwhile: the result is dropped, the GPU is read next round
+                rnd.read_started = None
+                rnd.position += 1
+            try:
+                gpu.record(outcome, rnd.tariff, rnd.workloads)
+            except Exception:  # accounting must never stop the round for the other GPUs
+                log.exception("accounting a GPU reading failed", extra=kv(gpu=gpu.identity.index))
+
 
 class Sampler:
-    def __init__(self, backend: GpuBackend, cfg: SamplerConfig, grid: GridSignals | None = None,
+    def __init__(self, backend: GpuBackend, *, interval_seconds: float = 1.0, gpu_timeout_seconds: float = 2.0,
+                 max_power_watts: float = 3000.0, grid: GridSignals | None = None,
                  budgets: Budgets | None = None, clock: Callable[[], float] = time.time,
                  init_retry: tuple[float, float] = (1.0, 60.0)) -> None:
         self.backend = backend
-        self.cfg = cfg
-        self.grid = grid or GridSignals(carbon=None, price=None)
-        self.budgets = budgets
+        self.interval_seconds = interval_seconds
+        self.gpu_timeout_seconds = gpu_timeout_seconds
+        self.max_power_watts = max_power_watts
         self.clock = clock
-        self.listeners: list[StepListener] = []
-        self.extra_families: list[Callable[[float], object]] = []
-        self.workers: list[GpuWorker] = []
+        self.workloads: WorkloadAccounting | None = None
+        self.gpus: list[GpuState] = []
         self.snapshot: Snapshot = EMPTY
+        self._grid = grid or GridSignals(carbon=None, price=None)
+        self._budgets = budgets
+        self._config_lock = threading.Lock()  # grid and budgets are swapped whole, between rounds
         self._seq = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._readers = 0
+        self._reader: _Reader | None = None
         self._retry_initial, self._retry_max = init_retry
         self._retry_delay = self._retry_initial
         self._next_reinit = 0.0
         self._backend_down = False
 
+    @property
+    def grid(self) -> GridSignals:
+        return self._grid
+
+    @property
+    def budgets(self) -> Budgets | None:
+        return self._budgets
+
+    def replace_grid(self, grid: GridSignals, budgets: Budgets | None) -> GridSignals:
+        """Swap the grid signals and budgets (a reload); returns the old grid for the caller to stop.
+        The next round prices with the new grid; a round in progress finishes with the old one."""
+        with self._config_lock:
+            old, self._grid, self._budgets = self._grid, grid, budgets
+        return old
+
     def start_backend(self) -> None:
         """First initialisation; BackendUnavailable propagates so the CLI can exit 2."""
         devices = self.backend.start()
-        self.workers = [self._worker(d) for d in devices]
-        log.info("GPUs found", extra={"kv": {"backend": self.backend.name, "count": len(devices)}})
-
-    def _worker(self, device: GpuDevice) -> GpuWorker:
-        return GpuWorker(device, self.cfg.max_power_watts, self.grid, self.listeners, self.clock)
+        self.gpus = [GpuState(d, self.max_power_watts) for d in devices]
+        log.info("GPUs found", extra=kv(backend=self.backend.name, count=len(devices)))
 
     def _reinit(self) -> None:
         """The driver went away: re-initialise with exponential backoff, keeping every total."""
@@ -189,71 +249,99 @@ class Sampler:
             devices = self.backend.restart()
         except BackendUnavailable as exc:
             self._next_reinit = now + self._retry_delay
-            log.warning("GPU backend unavailable; will retry",
-                        extra={"kv": {"err": str(exc), "retry_in_seconds": self._retry_delay}})
+            log.warning("GPU backend unavailable; will retry", extra=kv(err=str(exc),
+                                                                        retry_in_seconds=self._retry_delay))
             self._retry_delay = min(self._retry_max, self._retry_delay * 2)
             self._backend_down = True
             return
-        by_uuid = {w.identity.uuid: w for w in self.workers}
-        for w in self.workers:
+        by_uuid = {g.identity.uuid: g for g in self.gpus}
+        for g in self.gpus:
             # A GPU not found again keeps its stale device, which reports gpu_lost; asking for yet another
             # re-initialisation every round would not bring it back.
-            w.reinit_requested = False
+            g.reinit_requested = False
         for device in devices:
-            worker = by_uuid.get(device.identity.uuid)
-            if worker is not None:
-                worker.replace_device(device)
+            gpu = by_uuid.get(device.identity.uuid)
+            if gpu is not None:
+                gpu.replace_device(device)
             else:
-                self.workers.append(self._worker(device))
+                self.gpus.append(GpuState(device, self.max_power_watts))
         self._retry_delay = self._retry_initial
         self._backend_down = False
-        log.info("GPU backend re-initialised", extra={"kv": {"count": len(devices)}})
+        log.info("GPU backend re-initialised", extra=kv(count=len(devices)))
 
     def sample_round(self) -> Snapshot:
-        """One round: read every GPU (in parallel, bounded by the timeout) and publish a snapshot."""
+        """One round: read every GPU (one reader, each read bounded by the timeout) and publish a snapshot."""
         started = time.monotonic()
-        if self._backend_down or any(w.reinit_requested for w in self.workers):
+        if self._backend_down or any(g.reinit_requested for g in self.gpus):
             self._reinit()
-        jobs: list[tuple[GpuWorker, _Job]] = []
+        with self._config_lock:
+            grid, budgets = self._grid, self._budgets
+        to_read: list[GpuState] = []
         if not self._backend_down:
-            for w in self.workers:
-                if w.reinit_requested:
+            for g in self.gpus:
+                if g.reinit_requested:
                     continue  # its device handle is stale until re-initialisation succeeds
-                job = w.submit()
-                if job is None:
-                    running = w.busy
-                    if running is not None and started - running.started > self.cfg.gpu_timeout_seconds:
-                        w.mark_hung()
+                since = g.read_since
+                if since is not None:  # still inside a driver call from an earlier round
+                    if started - since > self.gpu_timeout_seconds:
+                        g.mark_hung()
                     continue
-                jobs.append((w, job))
-        deadline = started + self.cfg.gpu_timeout_seconds
-        for w, job in jobs:
-            if not job.done.wait(max(0.0, deadline - time.monotonic())):
-                w.mark_hung()
-        duration = time.monotonic() - started
-        return self._publish(duration)
+                to_read.append(g)
+        if to_read:
+            self._read(_Round(to_read, Tariff(grid, self.clock()), self.workloads))
+        return self._publish(time.monotonic() - started, grid, budgets)
 
-    def _publish(self, duration: float) -> Snapshot:
+    def _read(self, rnd: _Round) -> None:
+        """Hand the round to the reader and wait; replace the reader whenever a read outlives the timeout."""
+        reader = self._reader or self._new_reader()
+        rnd.reader = reader
+        reader.submit(rnd)
+        timeout = self.gpu_timeout_seconds
+        wait = timeout
+        while not rnd.done.wait(wait):
+            with rnd.lock:
+                if rnd.done.is_set():
+                    break
+                started = rnd.read_started
+                overdue = 0.0 if started is None else time.monotonic() - started - timeout
+                if started is None or overdue < 0:
+                    wait = timeout if started is None else -overdue
+                    continue
+                hung = rnd.gpus[rnd.position]
+                rnd.position += 1
+                rnd.read_started = None
+                reader = self._new_reader()
+                rnd.reader = reader
+            hung.mark_hung()
+            reader.submit(rnd)
+            wait = timeout
+
+    def _new_reader(self) -> _Reader:
+        self._readers += 1
+        self._reader = _Reader(f"gpu-reader-{self._readers}")
+        return self._reader
+
+    def _publish(self, duration: float, grid: GridSignals, budgets: Budgets | None) -> Snapshot:
         now = self.clock()
         self._seq += 1
-        signals, sources = grid_now(self.grid, now)
+        signals, sources = grid.now(now)
         self.snapshot = Snapshot(
             seq=self._seq,
             timestamp=now,
             duration_seconds=duration,
             backend=self.backend.name,
             ready=True,
-            gpus=tuple(w.snapshot for w in sorted(self.workers, key=lambda w: w.identity.index)),
+            gpus=tuple(g.snapshot for g in sorted(self.gpus, key=lambda g: g.identity.index)),
             signals=signals,
             sources=sources,
-            pue=self.grid.pue,
-            budgets=self.budgets,
-            extra=tuple(f(now) for f in self.extra_families),
+            pue=grid.pue,
+            budgets=budgets,
+            workloads=self.workloads.snapshot(now) if self.workloads is not None else None,
         )
         return self.snapshot
 
     def _run(self) -> None:
-        interval = self.cfg.interval_seconds
+        interval = self.interval_seconds
         next_tick = time.monotonic()
         while not self._stop.is_set():
             try:
@@ -272,8 +360,8 @@ class Sampler:
 
     def request_stop(self) -> None:
         self._stop.set()
-        for w in self.workers:
-            w.stop()
+        if self._reader is not None:
+            self._reader.stop()
 
     def stop(self, timeout: float = 1.0) -> None:
         """Stop sampling. A round waits up to gpu_timeout_seconds for a hung GPU; shutdown waits at most
@@ -283,32 +371,4 @@ class Sampler:
             self._thread.join(timeout=timeout)
 
     def reads_in_flight(self) -> bool:
-        return any(w.busy is not None for w in self.workers)
-
-
-def grid_now(grid: GridSignals, now: float) -> tuple[tuple[SignalNow, ...], tuple[SourceSnapshot, ...]]:
-    """The signals in force at `now`, and each source's health, from the chains' immutable states."""
-    signals: list[SignalNow] = []
-    sources: dict[str, SourceSnapshot] = {}
-    for chain in grid.chains:
-        state = chain.state
-        v = state.value_at(now, now)
-        signals.append(SignalNow(
-            signal=state.signal, zone=state.zone,
-            value=v.value if v else None, currency=v.currency if v else None,
-            source=v.source if v else None, estimated=bool(v and (v.interval.estimated or v.interval.forecast)),
-            age_seconds=(now - v.fetched_at) if v else None,
-            source_index=v.source_index if v else None,
-        ))
-        for st in state.statuses:
-            # The same provider may serve both signals; its health is the worse of the two.
-            prev = sources.get(st.name)
-            errors = dict(prev.errors) if prev else {}
-            for reason, n in st.errors.items():
-                errors[reason] = errors.get(reason, 0) + n
-            up = st.up if prev is None else (None if st.up is None and prev.up is None
-                                             else bool(st.up is not False and prev.up is not False))
-            last = max([x for x in (st.last_success, prev.last_success if prev else None) if x is not None],
-                       default=None)
-            sources[st.name] = SourceSnapshot(st.name, up, tuple(sorted(errors.items())), last)
-    return tuple(signals), tuple(sources[k] for k in sorted(sources))
+        return any(g.read_since is not None for g in self.gpus)

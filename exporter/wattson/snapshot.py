@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 from .accounting import AccountSnapshot
 from .gpu.base import GpuIdentity, GpuReading
+from .grid.signal import SignalNow, SourceSnapshot
+from .workloads.snapshot import WorkloadSnapshot
+
+__all__ = ["Budgets", "EMPTY", "GpuSnapshot", "SignalNow", "Snapshot", "SourceSnapshot"]
 
 
 @dataclass(frozen=True)
@@ -17,28 +21,6 @@ class GpuSnapshot:
     energy_method: str  # "counter" | "integrated" | "unknown" before the first reading
     errors: tuple[tuple[str, int], ...]  # error kind -> count
     account: AccountSnapshot = field(default_factory=AccountSnapshot)
-
-
-@dataclass(frozen=True)
-class SignalNow:
-    """A grid signal as it stands at the snapshot's time."""
-
-    signal: str
-    zone: str
-    value: float | None  # None = unknown: the gauge is then absent, never 0
-    currency: str | None
-    source: str | None
-    estimated: bool
-    age_seconds: float | None
-    source_index: int | None = None  # position of `source` in the chain; > 0 means a fallback serves
-
-
-@dataclass(frozen=True)
-class SourceSnapshot:
-    source: str
-    up: bool | None
-    errors: tuple[tuple[str, int], ...]
-    last_success: float | None
 
 
 @dataclass(frozen=True)
@@ -61,7 +43,7 @@ class Snapshot:
     sources: tuple[SourceSnapshot, ...] = ()
     pue: float = 1.0
     budgets: Budgets | None = None
-    extra: tuple[object, ...] = ()  # additional immutable families (e.g. workloads), rendered as given
+    workloads: WorkloadSnapshot | None = None  # None unless per-workload accounting is enabled
 
 
 EMPTY = Snapshot(seq=0, timestamp=None, duration_seconds=0.0, backend="", ready=False, gpus=())

@@ -22,17 +22,21 @@ less than `max_age_seconds` ago serves it. When none does, the energy is counted
 `wattson_gpu_unpriced_energy_joules_total{signal}` and the gauge is absent: wattson never exports 0
 or a made-up value for "unknown". `wattson_grid_signal_info{signal,zone,source,estimated}` says
 which source serves now, `wattson_grid_signal_age_seconds` how old its data is,
-`wattson_source_up`, `wattson_source_errors_total{source,reason}` and
-`wattson_source_last_success_timestamp_seconds` how each source is doing.
+`wattson_source_up{signal,source}`, `wattson_source_errors_total{signal,source,reason}` and
+`wattson_source_last_success_timestamp_seconds{signal,source}` how each source of each chain is doing
+(a `static` carbon source and a `static` price source are two sources).
 
-All sources of a chain are polled on their own schedule from one background thread per signal (one
-fetch per source for all GPUs; never inside a scrape). A failed fetch is retried with exponential
-backoff and full jitter (5 s doubling, capped at the poll interval), a `Retry-After` on HTTP 429 is
-honoured, and the last good data keeps serving until it is older than `max_age_seconds`. Responses
-are validated: malformed JSON/XML, missing fields, a zone other than the one asked for, negative or
-absurd values (intensity outside 0-5000 g/kWh, |price| over 100 per kWh) are rejected and counted by
-reason (`timeout`, `connection`, `http_4xx`, `http_5xx`, `rate_limited`, `auth`, `malformed`,
-`missing_field`, `wrong_zone`, `invalid_value`, `no_data`, `stale`).
+Each source is polled on its own schedule by its own background thread, so a slow provider never
+delays its fallback (one fetch per source for all GPUs; never inside a scrape). A failed fetch is
+retried with exponential backoff and equal jitter: the wait starts at 5 s and doubles with each
+failure in a row, capped at the poll interval (the source's, or half of `max_age_seconds` if that is
+shorter) and at 15 minutes, and each wait is drawn between half and all of that. A `Retry-After` on
+HTTP 429 is honoured, and the last good data keeps serving until it is older than `max_age_seconds`.
+Responses are validated: malformed JSON/XML, missing fields, a zone other than the one asked for,
+negative or absurd values (intensity outside 0-5000 g/kWh, |price| over 100 per kWh) are rejected
+and counted by reason (`timeout`, `connection`, `http_4xx`, `http_5xx`, `rate_limited`, `auth`,
+`malformed`, `missing_field`, `wrong_zone`, `invalid_value`, `no_data`, `stale`), and the error
+message names the API call, the field and what is wrong with it.
 
 API keys are read from the environment variable or file the source names (`api_key_env`,
 `api_key_file`, `password_env`, `password_file`), never from the config file, and are redacted

@@ -1,9 +1,14 @@
 """TLS and basic auth for the HTTP endpoint, read from an exporter-toolkit web config file.
 
 The file format is Prometheus exporter-toolkit's (`--web.config.file`), so one file can serve
-node_exporter and wattson alike. Parsing is strict like the toolkit's yaml.UnmarshalStrict: unknown
-and duplicate keys are errors. Every failure is a WebConfigError with one line,
-"<file>: <key path>: <what is wrong>", that never contains a password, a hash or key material.
+node_exporter and wattson alike. Parsing is strict like the toolkit's yaml.UnmarshalStrict: the
+schema is a set of strict pydantic models (unknown keys, wrong types are errors) and the YAML loader
+refuses duplicate keys. Every failure is a WebConfigError with one line,
+"<file>:<line>: <key path>: <what is wrong>", that never contains a password, a hash or key material.
+
+The certificate, key and client CA files are watched as the toolkit does: a new connection finds
+the context rebuilt when they change (checked at most once a second), so certificates rotated in
+place need no restart; a broken new set is logged once and the previous context stays in use.
 
 Where Python's ssl module cannot do what a key asks, the key is refused with a clear message rather
 than silently weakened; two keys that cannot change wattson's behaviour are validated and ignored
@@ -23,31 +28,27 @@ import secrets
 import ssl
 import tempfile
 import threading
+import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-try:
-    import bcrypt
-except ImportError:  # only basic auth needs it: a web config with users says so, nothing else breaks
-    bcrypt = None  # type: ignore[assignment]
-import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
+
+from . import yamlfile
 
 log = logging.getLogger("wattson.webconfig")
 
 
 class WebConfigError(Exception):
-    """A bad web config file: one line, "<file>: <key path>: <what is wrong>", with no secrets in it."""
+    """A bad web config file: one line, "<file>:<line>: <key path>: <what is wrong>", with no secrets in it."""
 
 
 # --- what the file may contain -------------------------------------------------------------------
-
-TOP_KEYS = ("tls_server_config", "http_server_config", "basic_auth_users")
-TLS_KEYS = ("cert", "key", "client_ca", "cert_file", "key_file", "client_auth_type", "client_ca_file",
-            "min_version", "max_version", "cipher_suites", "prefer_server_cipher_suites", "curve_preferences")
-HTTP_KEYS = ("http2", "headers")
 
 # Toolkit keys that wattson knows but cannot honour; refusing them beats silently dropping a control.
 UNSUPPORTED = {
@@ -88,20 +89,189 @@ CURVES = ("CurveP256", "CurveP384", "CurveP521", "X25519")
 CLIENT_AUTH_TYPES = ("NoClientCert", "RequestClientCert", "RequireAnyClientCert", "RequireClientCert",
                      "VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
 
-# Headers the toolkit lets a web config set, with the values allowed (None: any value).
-ALLOWED_HEADERS: dict[str, tuple[str, ...] | None] = {
-    "Strict-Transport-Security": None,
-    "X-Content-Type-Options": ("nosniff",),
-    "X-Frame-Options": ("deny", "sameorigin"),
-    "X-XSS-Protection": None,
-    "Content-Security-Policy": None,
-}
-
 # $2a$/$2b$/$2x$/$2y$, two-digit cost, 22 salt chars + 31 hash chars from bcrypt's base64 alphabet.
 BCRYPT_HASH = re.compile(r"^\$2[abxy]\$(\d\d)\$[./A-Za-z0-9]{53}$")
 BCRYPT_MIN_COST, BCRYPT_MAX_COST = 4, 31
 BCRYPT_MAX_PASSWORD_BYTES = 72  # bcrypt only ever looks at the first 72 bytes
 AUTH_CACHE_ENTRIES = 100
+# How often a new connection may look at the certificate files: rotation is rare, connections are not.
+TLS_RELOAD_CHECK_SECONDS = 1.0
+MAX_PEM_BYTES = yamlfile.MAX_BYTES  # a key_file naming a device or a huge file must not hang the start
+
+
+# --- the schema ----------------------------------------------------------------------------------
+# Validators raise ValueError with the message the user sees; they never quote a secret.
+
+def _blank_is_unset(value: Any) -> Any:
+    """"" and null both mean unset, as in the toolkit."""
+    return None if isinstance(value, str) and value == "" else value
+
+
+def _tls_version(name: str) -> str:
+    if name not in TLS_VERSIONS:
+        raise ValueError(f"unknown TLS version {name!r} (known: {', '.join(TLS_VERSIONS)})")
+    return name
+
+
+def _client_auth_type(mode: str) -> str:
+    if mode not in CLIENT_AUTH_TYPES:
+        raise ValueError(f"unknown value {mode!r} (known: {', '.join(CLIENT_AUTH_TYPES)})")
+    if mode in ("RequireAnyClientCert", "RequireClientCert"):
+        raise ValueError(f"{mode} (require a certificate but do not verify it) cannot be done with Python's ssl; "
+                         "use RequireAndVerifyClientCert with client_ca_file")
+    return mode
+
+
+def _cipher(name: str) -> str:
+    if name not in TLS12_CIPHERS and name not in TLS13_CIPHERS:
+        raise ValueError(f"unknown cipher {name!r} (use Go crypto/tls names, "
+                         "e.g. TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256)")
+    return name
+
+
+def _curve(name: str) -> str:
+    if name not in CURVES:
+        raise ValueError(f"unknown curve {name!r} (known: {', '.join(CURVES)})")
+    return name
+
+
+def _header_text(value: str) -> str:
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError("value must not contain line breaks or NUL")
+    return value
+
+
+def _one_of(*allowed: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"invalid value {value!r}, expected one of: {', '.join(allowed)}")
+        return value
+    return AfterValidator(check)
+
+
+def _username(name: str) -> str:
+    if not name:
+        raise ValueError("empty")  # _describe words it like a username of the wrong type
+    if ":" in name:
+        raise ValueError("username must not contain ':' (HTTP basic auth cannot carry it)")
+    return name
+
+
+def _bcrypt_hash(hashed: str) -> str:
+    m = BCRYPT_HASH.match(hashed.strip())
+    if m is None:
+        raise ValueError("not a valid bcrypt hash (variant 2a, 2b or 2y, a two-digit cost, 60 characters in all; "
+                         "see docs/security.md)")
+    cost = int(m.group(1))
+    if not BCRYPT_MIN_COST <= cost <= BCRYPT_MAX_COST:
+        raise ValueError(f"bcrypt cost {cost} out of range {BCRYPT_MIN_COST}..{BCRYPT_MAX_COST}")
+    return hashed.strip()
+
+
+_UNSET_IF_BLANK = BeforeValidator(_blank_is_unset)
+Text = Annotated[str | None, _UNSET_IF_BLANK]
+TlsVersionName = Annotated[Annotated[str, AfterValidator(_tls_version)] | None, _UNSET_IF_BLANK]
+ClientAuthType = Annotated[Annotated[str, AfterValidator(_client_auth_type)] | None, _UNSET_IF_BLANK]
+CipherName = Annotated[str, AfterValidator(_cipher)]
+CurveName = Annotated[str, AfterValidator(_curve)]
+AnyHeaderValue = Annotated[Annotated[str, AfterValidator(_header_text)] | None, _UNSET_IF_BLANK]
+NosniffValue = Annotated[Annotated[str, AfterValidator(_header_text), _one_of("nosniff")] | None, _UNSET_IF_BLANK]
+FrameOptionsValue = Annotated[Annotated[str, AfterValidator(_header_text), _one_of("deny", "sameorigin")] | None,
+                              _UNSET_IF_BLANK]
+Username = Annotated[str, AfterValidator(_username)]
+BcryptHash = Annotated[str, AfterValidator(_bcrypt_hash)]
+
+
+class _Strict(BaseModel):
+    # strict: YAML's `yes`, `1.3` or `123` are not silently turned into strings or booleans
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class TlsServerConfig(_Strict):
+    cert_file: Text = None
+    key_file: Text = None
+    cert: Text = None
+    key: Text = Field(default=None, repr=False)  # inline private key
+    client_auth_type: ClientAuthType = None
+    client_ca_file: Text = None
+    client_ca: Text = None
+    cipher_suites: list[CipherName] | None = None
+    curve_preferences: list[CurveName] | None = None
+    min_version: TlsVersionName = None
+    max_version: TlsVersionName = None
+    prefer_server_cipher_suites: bool | None = None
+
+
+class HeadersConfig(_Strict):
+    """The headers the toolkit lets a web config set, spelled exactly so, with the values it allows."""
+
+    strict_transport_security: AnyHeaderValue = Field(default=None, alias="Strict-Transport-Security")
+    x_content_type_options: NosniffValue = Field(default=None, alias="X-Content-Type-Options")
+    x_frame_options: FrameOptionsValue = Field(default=None, alias="X-Frame-Options")
+    x_xss_protection: AnyHeaderValue = Field(default=None, alias="X-XSS-Protection")
+    content_security_policy: AnyHeaderValue = Field(default=None, alias="Content-Security-Policy")
+
+
+class HttpServerConfig(_Strict):
+    http2: bool | None = None  # validated, then ignored: wattson's server speaks HTTP/1.1 only
+    headers: HeadersConfig | None = None
+
+
+class WebConfigFile(_Strict):
+    """One exporter-toolkit web config file, as written."""
+
+    tls_server_config: TlsServerConfig | None = None
+    http_server_config: HttpServerConfig | None = None
+    basic_auth_users: dict[Username, BcryptHash] | None = Field(default=None, repr=False)
+
+
+# Where a mapping in the file is described by a model: for "unknown key (allowed: ...)".
+_MODELS_AT: dict[tuple[Any, ...], type[BaseModel]] = {
+    (): WebConfigFile,
+    ("tls_server_config",): TlsServerConfig,
+    ("http_server_config",): HttpServerConfig,
+    ("http_server_config", "headers"): HeadersConfig,
+}
+
+
+def _kind(value: Any) -> str:
+    """A value's YAML type for messages; never the value itself, which may be a secret."""
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _describe(err: ErrorDetails) -> tuple[tuple[Any, ...], str]:
+    """(location, message) for one pydantic error, in the words of the toolkit's format; never the input."""
+    loc, kind, got = tuple(err["loc"]), err["type"], _kind(err.get("input"))
+    users = loc[:1] == ("basic_auth_users",)
+    if loc[-1:] == ("[key]",):  # a username (a key of basic_auth_users) is wrong
+        loc = loc[:-1]
+        if kind != "value_error" or not loc[-1]:
+            return loc[:-1], f"username {loc[-1]!r} must be a non-empty string (quote it)"
+    if kind == "invalid_key":  # a number or boolean where a key name belongs: as unknown as any other
+        loc, kind = loc[:-1] + (str(loc[-1]),), "extra_forbidden"
+    if kind == "extra_forbidden":
+        path = yamlfile.key_path(loc)
+        if path in UNSUPPORTED:
+            return loc, UNSUPPORTED[path]
+        model = _MODELS_AT.get(loc[:-1])
+        allowed = ", ".join(f.alias or name for name, f in model.model_fields.items()) if model else ""
+        if model is HeadersConfig:
+            return loc, f"this header can not be configured (allowed: {allowed})"
+        return loc, f"unknown key (allowed: {allowed})" if allowed else "unknown key"
+    if kind == "value_error":
+        return loc, str(err.get("ctx", {}).get("error", err["msg"]))
+    if kind == "string_type":
+        return loc, f"must be a bcrypt hash string, got {got}" if users else f"must be a string, got {got}"
+    if kind == "bool_type":
+        return loc, f"must be true or false, got {got}"
+    if kind == "list_type":
+        return loc, f"must be a list of strings, got {got}"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        if loc == ("basic_auth_users",):
+            return loc, f"must be a mapping of username to bcrypt hash, got {got}"
+        return loc, f"must be a mapping, got {got}"
+    return loc, err["msg"]  # pydantic's words, without the input
 
 
 # --- the result ----------------------------------------------------------------------------------
@@ -149,19 +319,90 @@ class _AuthCache:
             return len(self._entries)
 
 
+FileSignature = tuple[tuple[int, int, int, int, int] | None, ...]
+
+
+class TlsContextSource:
+    """The server's SSLContext, rebuilt when the certificate, key or client CA files change.
+
+    Certificate rotators (cert-manager, certbot hooks, Kubernetes secret volumes) replace the files
+    in place or swap a symlink; the exporter-toolkit picks the new pair up on the next connection,
+    and so does wattson. Each new connection asks get(); at most once per `check_seconds` that
+    stats the files (following symlinks) and, if any changed, builds a new context. A new set that
+    does not load (half written, key not matching) is logged once and the running context stays.
+    """
+
+    def __init__(self, build: Callable[[], ssl.SSLContext], files: Sequence[Path] = (),
+                 check_seconds: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._build = build
+        self.files = tuple(files)
+        self._check_seconds = TLS_RELOAD_CHECK_SECONDS if check_seconds is None else check_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._signature = self._stat()  # before building: a change during the build is seen next time
+        self._context = build()
+        self._failed: FileSignature | None = None  # the broken set already warned about
+        self._next_check = clock() + self._check_seconds
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The context in use now, without looking at the files."""
+        return self._context
+
+    def get(self) -> ssl.SSLContext:
+        """The context for a new connection: rebuilt first if the files changed since the last look."""
+        if not self.files or self._clock() < self._next_check:
+            return self._context
+        if not self._lock.acquire(blocking=False):
+            return self._context  # another connection is looking right now; do not queue behind it
+        try:
+            self._next_check = self._clock() + self._check_seconds
+            signature = self._stat()
+            if signature == self._signature or signature == self._failed:
+                return self._context
+            try:
+                context = self._build()
+            except Exception as exc:  # whatever broke, keep serving with the old pair
+                self._failed = signature
+                log.warning("TLS files changed but do not load; still serving the previous certificate",
+                            extra={"kv": {"err": str(exc) if isinstance(exc, WebConfigError) else type(exc).__name__}})
+                return self._context
+            self._context, self._signature, self._failed = context, signature, None
+            log.info("TLS certificate reloaded", extra={"kv": {"files": ",".join(map(str, self.files))}})
+            return context
+        finally:
+            self._lock.release()
+
+    def _stat(self) -> FileSignature:
+        signature: list[tuple[int, int, int, int, int] | None] = []
+        for path in self.files:
+            try:
+                st = os.stat(path)  # follows symlinks: a swapped ..data link shows as a new inode
+            except OSError:
+                signature.append(None)
+                continue
+            signature.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(signature)
+
+
 @dataclass(frozen=True)
 class WebSecurity:
-    """What the HTTP server needs: an optional TLS context, basic-auth users and extra headers."""
+    """What the HTTP server needs: an optional TLS context source, basic-auth users and extra headers."""
 
-    ssl_context: ssl.SSLContext | None = None  # None = plain HTTP
+    tls: TlsContextSource | None = None  # None = plain HTTP
     users: dict[str, bytes] = field(default_factory=dict)  # username -> bcrypt hash
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers
     _cache: _AuthCache = field(default_factory=_AuthCache, init=False, repr=False, compare=False)
 
     def __repr__(self) -> str:
         # Never the hashes: a logged repr must not hand anyone material for an offline attack.
-        return (f"WebSecurity(tls={self.ssl_context is not None}, users={sorted(self.users)}, "
+        return (f"WebSecurity(tls={self.tls is not None}, users={sorted(self.users)}, "
                 f"headers={sorted(self.headers)})")
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context in use now (None: plain HTTP); connections get theirs from tls.get()."""
+        return self.tls.context if self.tls is not None else None
 
     def auth_required(self) -> bool:
         return bool(self.users)
@@ -174,6 +415,8 @@ class WebSecurity:
         """
         if not self.users:
             return True
+        import bcrypt  # load_web_config made sure it is there; configs without users never need it
+
         parsed = _parse_basic(authorization_header)
         if parsed is None:
             return False
@@ -201,6 +444,8 @@ class WebSecurity:
 
     def _dummy(self) -> bytes:
         """A hash of a random password at the configured users' highest cost, made on first need."""
+        import bcrypt
+
         with self._cache.bcrypt_lock:
             if self._cache.dummy_hash is None:
                 cost = max(_bcrypt_cost(h) for h in self.users.values())
@@ -232,29 +477,6 @@ def _bcrypt_cost(hashed: bytes) -> int:
 
 # --- loading -------------------------------------------------------------------------------------
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    result: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-        try:
-            duplicate = key in result
-        except TypeError:
-            raise yaml.constructor.ConstructorError(None, None, "mapping key is not a scalar",
-                                                    key_node.start_mark) from None
-        if duplicate:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        result[key] = loader.construct_object(value_node, deep=deep)  # type: ignore[no-untyped-call]
-    return result
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 class _EncryptedKey(Exception):
     """Raised from the password callback: wattson has no way to ask for a key passphrase."""
 
@@ -263,200 +485,116 @@ def _no_password() -> bytes:
     raise _EncryptedKey()
 
 
-class _Loader:
-    """Walks one parsed file; holds the file name so every error names it."""
+class _TlsBuilder:
+    """Makes SSLContexts from validated tls_server_config settings: once at load, again when files change.
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.base_dir = Path(path).parent
+    It keeps the settings and the lines of their keys, not the parsed file (which holds the hashes).
+    """
 
-    def fail(self, key_path: str, what: str) -> WebConfigError:
-        return WebConfigError(f"{self.path}: {key_path}: {what}")
+    SECTION = "tls_server_config"
 
-    # generic checks
+    def __init__(self, settings: TlsServerConfig, doc: yamlfile.YamlDocument) -> None:
+        self.s = settings
+        self.source = doc.source
+        self.base_dir = Path(doc.source).parent
+        self.lines = {name: doc.line_of((self.SECTION, name)) for name in TlsServerConfig.model_fields}
 
-    def mapping(self, value: Any, key_path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise self.fail(key_path, f"must be a mapping, got {_kind(value)}")
-        for k in value:
-            full = f"{key_path}.{k}" if key_path != "(top level)" else str(k)
-            if full in UNSUPPORTED:
-                raise self.fail(full, UNSUPPORTED[full])
-            if k not in allowed:
-                raise self.fail(full, f"unknown key (allowed: {', '.join(allowed)})")
-        return value
-
-    def string(self, value: Any, key_path: str) -> str | None:
-        """A string, with "" and null meaning unset, as in the toolkit."""
-        if value is None or value == "":
-            return None
-        if not isinstance(value, str):
-            raise self.fail(key_path, f"must be a string, got {_kind(value)}")
-        return value
-
-    def boolean(self, value: Any, key_path: str, default: bool) -> bool:
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self.fail(key_path, f"must be true or false, got {_kind(value)}")
-        return value
-
-    def string_list(self, value: Any, key_path: str) -> list[str]:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise self.fail(key_path, f"must be a list of strings, got {_kind(value)}")
-        for i, item in enumerate(value):
-            if not isinstance(item, str):
-                raise self.fail(f"{key_path}[{i}]", f"must be a string, got {_kind(item)}")
-        return value
+    def fail(self, key: str, what: str) -> WebConfigError:
+        return WebConfigError(str(yamlfile.YamlFileError(self.source, f"{self.SECTION}.{key}", what,
+                                                         self.lines.get(key) or self.lines.get(key.split("[")[0]))))
 
     def resolve(self, file_name: str) -> Path:
         """Relative paths are relative to the web config file, as in the toolkit."""
         p = Path(file_name).expanduser()
         return p if p.is_absolute() else self.base_dir / p
 
-    def read(self, file_name: str, key_path: str) -> bytes:
-        p = self.resolve(file_name)
-        try:
-            return p.read_bytes()
-        except OSError as exc:
-            raise self.fail(key_path, f"cannot read {p}: {exc.strerror or type(exc).__name__}") from None
+    def watched(self) -> tuple[Path, ...]:
+        return tuple(self.resolve(f) for f in (self.s.cert_file, self.s.key_file, self.s.client_ca_file) if f)
 
-    # sections
+    def check(self) -> None:
+        """The checks that depend on the settings alone, so they are made once."""
+        s = self.s
+        for inline, file_key in (("cert", "cert_file"), ("key", "key_file"), ("client_ca", "client_ca_file")):
+            if getattr(s, inline) and getattr(s, file_key):
+                raise self.fail(file_key, f"{inline} and {file_key} are mutually exclusive; set one")
+        if s.cert_file is None and s.cert is None:
+            raise self.fail("cert_file", "missing: TLS needs cert_file (or an inline cert)")
+        if s.key_file is None and s.key is None:
+            raise self.fail("key_file", "missing: TLS needs key_file (or an inline key)")
+        if self.min_version > self.max_version:
+            raise self.fail("min_version", "is higher than max_version")
+        mode = s.client_auth_type or "NoClientCert"
+        has_ca = s.client_ca_file is not None or s.client_ca is not None
+        if mode in ("NoClientCert", "RequestClientCert") and has_ca:
+            raise self.fail(self.ca_key, f"client CA is unused with client_auth_type {mode}; set "
+                                         "client_auth_type: RequireAndVerifyClientCert to verify clients")
+        if mode in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert") and not has_ca:
+            raise self.fail("client_ca_file", f"required when client_auth_type is {mode}")
+        if self.min_version < ssl.TLSVersion.TLSv1_2:
+            log.warning("web config allows TLS older than 1.2; OpenSSL may refuse it anyway",
+                        extra={"kv": {"file": self.source}})
 
-    def load(self, doc: Any) -> WebSecurity:
-        top = self.mapping(doc, "(top level)", TOP_KEYS)
-        users = self.users(top.get("basic_auth_users"))
-        headers = self.http(top.get("http_server_config"))
-        ctx = self.tls(top.get("tls_server_config"))
-        return WebSecurity(ssl_context=ctx, users=users, headers=headers)
+    @property
+    def min_version(self) -> ssl.TLSVersion:
+        return TLS_VERSIONS[self.s.min_version or "TLS12"]
 
-    def users(self, value: Any) -> dict[str, bytes]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise self.fail("basic_auth_users", f"must be a mapping of username to bcrypt hash, got {_kind(value)}")
-        if value and bcrypt is None:
-            raise self.fail("basic_auth_users", "needs the Python package bcrypt (pip install bcrypt)")
-        users: dict[str, bytes] = {}
-        for name, hashed in value.items():
-            if not isinstance(name, str) or not name:
-                raise self.fail("basic_auth_users", f"username {name!r} must be a non-empty string (quote it)")
-            where = f"basic_auth_users.{name}"
-            if ":" in name:
-                raise self.fail(where, "username must not contain ':' (HTTP basic auth cannot carry it)")
-            if not isinstance(hashed, str):
-                raise self.fail(where, f"must be a bcrypt hash string, got {_kind(hashed)}")
-            m = BCRYPT_HASH.match(hashed.strip())
-            if m is None:
-                raise self.fail(where, "not a valid bcrypt hash (variant 2a, 2b or 2y, a two-digit cost, 60 "
-                                       "characters in all; see docs/security.md)")
-            cost = int(m.group(1))
-            if not BCRYPT_MIN_COST <= cost <= BCRYPT_MAX_COST:
-                raise self.fail(where, f"bcrypt cost {cost} out of range {BCRYPT_MIN_COST}..{BCRYPT_MAX_COST}")
-            users[name] = hashed.strip().encode("ascii")
-        return users
+    @property
+    def max_version(self) -> ssl.TLSVersion:
+        return TLS_VERSIONS[self.s.max_version or "TLS13"]
 
-    def http(self, value: Any) -> dict[str, str]:
-        section = self.mapping(value, "http_server_config", HTTP_KEYS)
-        # http2: validated, then ignored; wattson's server speaks HTTP/1.1 only.
-        self.boolean(section.get("http2"), "http_server_config.http2", True)
-        raw = section.get("headers")
-        if raw is None:
-            return {}
-        if not isinstance(raw, dict):
-            raise self.fail("http_server_config.headers", f"must be a mapping, got {_kind(raw)}")
-        headers: dict[str, str] = {}
-        for name, val in raw.items():
-            where = f"http_server_config.headers.{name}"
-            if name not in ALLOWED_HEADERS:
-                raise self.fail(where, f"this header can not be configured (allowed: {', '.join(ALLOWED_HEADERS)})")
-            text = self.string(val, where)
-            if text is None:
-                continue  # blank means unset
-            if any(c in text for c in "\r\n\0"):
-                raise self.fail(where, "value must not contain line breaks or NUL")
-            allowed = ALLOWED_HEADERS[name]
-            if allowed is not None and text not in allowed:
-                raise self.fail(where, f"invalid value {text!r}, expected one of: {', '.join(allowed)}")
-            headers[name] = text
-        return headers
+    @property
+    def ca_key(self) -> str:
+        return "client_ca_file" if self.s.client_ca_file is not None or self.s.client_ca is None else "client_ca"
 
-    def tls(self, value: Any) -> ssl.SSLContext | None:
-        s = self.mapping(value, "tls_server_config", TLS_KEYS)
-        if not s:
-            return None  # absent or empty: plain HTTP, as in the toolkit
-        p = "tls_server_config"
-        cert_file, cert = self.string(s.get("cert_file"), f"{p}.cert_file"), self.string(s.get("cert"), f"{p}.cert")
-        key_file, key = self.string(s.get("key_file"), f"{p}.key_file"), self.string(s.get("key"), f"{p}.key")
-        ca_file = self.string(s.get("client_ca_file"), f"{p}.client_ca_file")
-        ca_text = self.string(s.get("client_ca"), f"{p}.client_ca")
-        for a, b in (("cert", "cert_file"), ("key", "key_file"), ("client_ca", "client_ca_file")):
-            if s.get(a) and s.get(b):
-                raise self.fail(f"{p}.{b}", f"{a} and {b} are mutually exclusive; set one")
-        if cert_file is None and cert is None:
-            raise self.fail(f"{p}.cert_file", "missing: TLS needs cert_file (or an inline cert)")
-        if key_file is None and key is None:
-            raise self.fail(f"{p}.key_file", "missing: TLS needs key_file (or an inline key)")
-
-        min_v = self.version(s.get("min_version"), f"{p}.min_version", "TLS12")
-        max_v = self.version(s.get("max_version"), f"{p}.max_version", "TLS13")
-        if min_v > max_v:
-            raise self.fail(f"{p}.min_version", "is higher than max_version")
-
+    def build(self) -> ssl.SSLContext:
+        """A new context from the files as they are now; WebConfigError if they do not make one."""
+        s = self.s
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # TLS10/TLS11 are the user's explicit choice
-            ctx.minimum_version = min_v
-            ctx.maximum_version = max_v
-        if min_v < ssl.TLSVersion.TLSv1_2:
-            log.warning("web config allows TLS older than 1.2; OpenSSL may refuse it anyway",
-                        extra={"kv": {"file": self.path}})
+            ctx.minimum_version = self.min_version
+            ctx.maximum_version = self.max_version
         ctx.set_alpn_protocols(["http/1.1"])
-
-        cert_pem = self.read(cert_file, f"{p}.cert_file") if cert_file else (cert or "").encode()
-        key_pem = self.read(key_file, f"{p}.key_file") if key_file else (key or "").encode()
-        self.load_keypair(ctx, cert_pem, key_pem, f"{p}.cert_file" if cert_file else f"{p}.cert",
-                          f"{p}.key_file" if key_file else f"{p}.key")
-
-        self.ciphers(ctx, s.get("cipher_suites"), f"{p}.cipher_suites")
-        if self.boolean(s.get("prefer_server_cipher_suites"), f"{p}.prefer_server_cipher_suites", True):
-            ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-        else:
+        cert_pem = self.read(s.cert_file, "cert_file") if s.cert_file else (s.cert or "").encode()
+        key_pem = self.read(s.key_file, "key_file") if s.key_file else (s.key or "").encode()
+        self.load_keypair(ctx, cert_pem, key_pem, "cert_file" if s.cert_file else "cert",
+                          "key_file" if s.key_file else "key")
+        self.ciphers(ctx)
+        if s.prefer_server_cipher_suites is False:
             ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
-        curves = self.string_list(s.get("curve_preferences"), f"{p}.curve_preferences")
-        for i, curve in enumerate(curves):
-            if curve not in CURVES:
-                raise self.fail(f"{p}.curve_preferences[{i}]", f"unknown curve {curve!r} (known: {', '.join(CURVES)})")
-        # Validated and ignored: Python's ssl can pin one curve but not set a preference list, and
-        # narrowing to one would be a change the user did not ask for. OpenSSL's defaults apply.
-
-        self.client_auth(ctx, s, ca_file, ca_text)
+        else:
+            ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+        # curve_preferences: validated and ignored. Python's ssl can pin one curve but not set a
+        # preference list, and narrowing to one would be a change the user did not ask for.
+        self.client_auth(ctx)
         return ctx
 
-    def version(self, value: Any, key_path: str, default: str) -> ssl.TLSVersion:
-        name = self.string(value, key_path) or default
-        if name not in TLS_VERSIONS:
-            raise self.fail(key_path, f"unknown TLS version {name!r} (known: {', '.join(TLS_VERSIONS)})")
-        return TLS_VERSIONS[name]
+    def read(self, file_name: str, key: str) -> bytes:
+        p = self.resolve(file_name)
+        try:
+            with open(p, "rb") as f:
+                data = f.read(MAX_PEM_BYTES + 1)
+        except OSError as exc:
+            raise self.fail(key, f"cannot read {p}: {exc.strerror or type(exc).__name__}") from None
+        if len(data) > MAX_PEM_BYTES:
+            raise self.fail(key, f"{p} is larger than {MAX_PEM_BYTES >> 20} MiB; not a PEM file")
+        return data
 
-    def load_keypair(self, ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes, cert_where: str,
-                     key_where: str) -> None:
+    def load_keypair(self, ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes, cert_key: str,
+                     key_key: str) -> None:
         cert_text = cert_pem.decode("ascii", "replace")
         if "-----BEGIN CERTIFICATE-----" not in cert_text:
-            raise self.fail(cert_where, "no PEM certificate found")
+            raise self.fail(cert_key, "no PEM certificate found")
         try:
             ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=cert_text)
         except (ssl.SSLError, ValueError):
-            raise self.fail(cert_where, "not a valid PEM certificate") from None
+            raise self.fail(cert_key, "not a valid PEM certificate") from None
         if b"PRIVATE KEY-----" not in key_pem:
-            raise self.fail(key_where, "no PEM private key found")
+            raise self.fail(key_key, "no PEM private key found")
         if b"ENCRYPTED PRIVATE KEY" in key_pem or b"Proc-Type: 4,ENCRYPTED" in key_pem:
-            raise self.fail(key_where, "private key is encrypted; wattson needs an unencrypted key")
-        # load_cert_chain only reads files: stage both in a private directory that is gone right after.
+            raise self.fail(key_key, "private key is encrypted; wattson needs an unencrypted key")
+        # load_cert_chain only reads files, and must get exactly the bytes checked above (the files may
+        # be replaced meanwhile): stage both in a private directory that is gone right after.
         with tempfile.TemporaryDirectory(prefix="wattson-tls-") as tmp:
             cert_tmp, key_tmp = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
             for name, data in ((cert_tmp, cert_pem), (key_tmp, key_pem)):
@@ -466,101 +604,80 @@ class _Loader:
             try:
                 ctx.load_cert_chain(cert_tmp, key_tmp, password=_no_password)
             except _EncryptedKey:
-                raise self.fail(key_where, "private key is encrypted; wattson needs an unencrypted key") from None
+                raise self.fail(key_key, "private key is encrypted; wattson needs an unencrypted key") from None
             except ssl.SSLError as exc:
                 if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
-                    raise self.fail(key_where, "private key does not match the certificate") from None
-                raise self.fail(key_where, "not a valid PEM private key for this certificate") from None
+                    raise self.fail(key_key, "private key does not match the certificate") from None
+                raise self.fail(key_key, "not a valid PEM private key for this certificate") from None
 
-    def ciphers(self, ctx: ssl.SSLContext, value: Any, key_path: str) -> None:
-        names = self.string_list(value, key_path)
-        if not names:
-            return  # OpenSSL/Python defaults
-        openssl_names = []
-        for i, name in enumerate(names):
-            if name in TLS13_CIPHERS:
-                continue
-            if name not in TLS12_CIPHERS:
-                raise self.fail(f"{key_path}[{i}]", f"unknown cipher {name!r} (use Go crypto/tls names, "
-                                                    "e.g. TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256)")
-            openssl_names.append(TLS12_CIPHERS[name])
+    def ciphers(self, ctx: ssl.SSLContext) -> None:
+        names = self.s.cipher_suites or []
+        openssl_names = [TLS12_CIPHERS[n] for n in names if n in TLS12_CIPHERS]
         if not openssl_names:
-            return  # TLS 1.3 suites only: nothing Python lets us set
+            return  # none, or TLS 1.3 suites only: OpenSSL's defaults, as nothing else can be set
         try:
             ctx.set_ciphers(":".join(openssl_names))
         except ssl.SSLError:
-            raise self.fail(key_path, "none of these cipher suites is available in this Python's OpenSSL") from None
+            raise self.fail("cipher_suites", "none of these cipher suites is available in this Python's "
+                                             "OpenSSL") from None
         enabled = {c["name"] for c in ctx.get_ciphers()}
         for i, name in enumerate(names):
             if name in TLS12_CIPHERS and TLS12_CIPHERS[name] not in enabled:
-                raise self.fail(f"{key_path}[{i}]", f"cipher {name!r} is not available in this Python's OpenSSL")
+                raise self.fail(f"cipher_suites[{i}]", f"cipher {name!r} is not available in this Python's OpenSSL")
 
-    def client_auth(self, ctx: ssl.SSLContext, s: dict[str, Any], ca_file: str | None, ca_text: str | None) -> None:
-        p = "tls_server_config"
-        mode = self.string(s.get("client_auth_type"), f"{p}.client_auth_type") or "NoClientCert"
-        if mode not in CLIENT_AUTH_TYPES:
-            raise self.fail(f"{p}.client_auth_type", f"unknown value {mode!r} (known: {', '.join(CLIENT_AUTH_TYPES)})")
-        if mode in ("RequireAnyClientCert", "RequireClientCert"):
-            raise self.fail(f"{p}.client_auth_type", f"{mode} (require a certificate but do not verify it) cannot "
-                                                     "be done with Python's ssl; use RequireAndVerifyClientCert "
-                                                     "with client_ca_file")
-        has_ca = ca_file is not None or ca_text is not None
-        ca_where = f"{p}.client_ca_file" if ca_file is not None or ca_text is None else f"{p}.client_ca"
+    def client_auth(self, ctx: ssl.SSLContext) -> None:
+        s = self.s
+        mode = s.client_auth_type or "NoClientCert"
         if mode in ("NoClientCert", "RequestClientCert"):
-            if has_ca:
-                raise self.fail(ca_where, f"client CA is unused with client_auth_type {mode}; set "
-                                          "client_auth_type: RequireAndVerifyClientCert to verify clients")
             # RequestClientCert: wattson never reads an unverified client certificate, so asking for
             # one changes nothing; Python cannot ask without verifying. Same as NoClientCert.
             ctx.verify_mode = ssl.CERT_NONE
             return
-        if not has_ca:
-            raise self.fail(f"{p}.client_ca_file", f"required when client_auth_type is {mode}")
         before = ctx.cert_store_stats()["x509"]
+        where = self.ca_key
+        pem = self.read(s.client_ca_file, where).decode("ascii", "replace") if s.client_ca_file else s.client_ca
         try:
-            if ca_file is not None:
-                ctx.load_verify_locations(cafile=str(self.resolve(ca_file)))
-            else:
-                ctx.load_verify_locations(cadata=ca_text)
-        except FileNotFoundError as exc:
-            raise self.fail(ca_where, f"cannot read {self.resolve(ca_file or '')}: {exc.strerror}") from None
-        except OSError as exc:  # SSLError is an OSError too
-            if isinstance(exc, ssl.SSLError):
-                raise self.fail(ca_where, "no PEM certificate found") from None
-            raise self.fail(ca_where, f"cannot read {self.resolve(ca_file or '')}: "
-                                      f"{exc.strerror or type(exc).__name__}") from None
+            ctx.load_verify_locations(cadata=pem)
+        except (ssl.SSLError, ValueError):
+            raise self.fail(where, "no PEM certificate found") from None
         if ctx.cert_store_stats()["x509"] <= before:
-            raise self.fail(ca_where, "no PEM certificate found")
+            raise self.fail(where, "no PEM certificate found")
         ctx.verify_mode = ssl.CERT_REQUIRED if mode == "RequireAndVerifyClientCert" else ssl.CERT_OPTIONAL
-
-
-def _kind(value: Any) -> str:
-    """A value's YAML type for messages; never the value itself, which may be a secret."""
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
-            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def load_web_config(path: str | None) -> WebSecurity:
     """Read and validate a web config file. None: plain HTTP without auth.
 
-    Raises WebConfigError for anything wrong. The file is read once: restart wattson to pick up
-    new certificates or users.
+    Raises WebConfigError for anything wrong. Users and headers are read once (restart to change
+    them); the TLS files are watched and reloaded when they change.
     """
     if path is None:
         return WebSecurity()
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise WebConfigError(f"{path}: (file): not UTF-8 text") from None
-    except OSError as exc:
-        raise WebConfigError(f"{path}: (file): cannot read: {exc.strerror or type(exc).__name__}") from None
+        doc = yamlfile.read(path)
+    except yamlfile.YamlFileError as exc:
+        raise WebConfigError(str(exc)) from None
     try:
-        doc = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        # Not str(exc): PyYAML quotes the offending source line, which may hold a hash or a key.
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else "unknown position"
-        raise WebConfigError(f"{path}: (yaml): {where}: {exc.problem or 'invalid YAML'}") from None
-    except yaml.YAMLError:
-        raise WebConfigError(f"{path}: (yaml): invalid YAML") from None
-    return _Loader(path).load(doc)
+        cfg = WebConfigFile.model_validate({} if doc.data is None else doc.data)
+    except ValidationError as exc:
+        raise WebConfigError(yamlfile.format_validation_error(exc, path, doc, _describe)) from None
+
+    users = {name: hashed.encode("ascii") for name, hashed in (cfg.basic_auth_users or {}).items()}
+    if users:
+        try:
+            import bcrypt  # noqa: F401 - only basic auth needs it; say so now rather than at the first scrape
+        except ImportError:
+            raise WebConfigError(str(doc.error(("basic_auth_users",), "needs the Python package bcrypt "
+                                                                      "(pip install bcrypt)"))) from None
+    http = cfg.http_server_config
+    headers: dict[str, str] = {}
+    if http is not None and http.headers is not None:
+        headers = http.headers.model_dump(by_alias=True, exclude_none=True)
+
+    tls = None
+    settings = cfg.tls_server_config
+    if settings is not None and settings.model_fields_set:  # absent or empty: plain HTTP, as in the toolkit
+        builder = _TlsBuilder(settings, doc)
+        builder.check()
+        tls = TlsContextSource(builder.build, builder.watched())
+    return WebSecurity(tls=tls, users=users, headers=headers)

@@ -27,7 +27,8 @@ class BackendUnavailable(Exception):
 
 
 class GpuReadError(Exception):
-    """Reading one GPU failed. `kind` is one of ERROR_KINDS; `fatal_for_backend` asks for re-initialisation."""
+    """Reading one GPU failed. `kind` is one of ERROR_KINDS (anything else becomes "unknown"); `reinit`
+    asks the sampler to re-initialise the whole backend, since the driver, not just this GPU, went away."""
 
     def __init__(self, kind: str, message: str, *, reinit: bool = False) -> None:
         super().__init__(message)

@@ -14,49 +14,32 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..workloads.nvml_processes import read_processes
-from .base import BackendUnavailable, GpuDevice, GpuIdentity, GpuReadError, GpuReading
+import pynvml
 
-try:
-    import pynvml
-except ImportError:  # pragma: no cover - the package is a hard dependency; this keeps the CLI message clean
-    pynvml = None  # type: ignore[assignment]
+from ..logfmt import kv
+from .base import BackendUnavailable, GpuDevice, GpuIdentity, GpuReadError, GpuReading
+from .nvml_processes import SERIOUS_ERRORS, read_processes
 
 log = logging.getLogger("wattson.gpu.nvml")
 
-# NVML return codes (nvml.h). Spelled out so this module does not depend on pynvml being importable.
-NVML_ERROR_UNINITIALIZED = 1
-NVML_ERROR_INVALID_ARGUMENT = 2
-NVML_ERROR_NOT_SUPPORTED = 3
-NVML_ERROR_NO_PERMISSION = 4
-NVML_ERROR_DRIVER_NOT_LOADED = 9
-NVML_ERROR_TIMEOUT = 10
-NVML_ERROR_LIBRARY_NOT_FOUND = 12
-NVML_ERROR_FUNCTION_NOT_FOUND = 13
-NVML_ERROR_GPU_IS_LOST = 15
-NVML_ERROR_RESET_REQUIRED = 16
-NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
-NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25
-
-NVML_DEVICE_MIG_ENABLE = 1
-
 # The GPU or metric cannot answer this at all: stop asking (until the next re-initialisation).
-_UNSUPPORTED = frozenset({NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_FUNCTION_NOT_FOUND, NVML_ERROR_NO_PERMISSION})
+_UNSUPPORTED = frozenset({pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
+                          pynvml.NVML_ERROR_NO_PERMISSION})
 # The memory v2 struct is not understood by this driver: use the v1 struct.
-_MEMORY_V2_FALLBACK = _UNSUPPORTED | {NVML_ERROR_ARGUMENT_VERSION_MISMATCH, NVML_ERROR_INVALID_ARGUMENT}
-# The GPU or the driver is gone: even an optional metric failing this way fails the whole read.
-_SERIOUS = frozenset({NVML_ERROR_GPU_IS_LOST, NVML_ERROR_RESET_REQUIRED, NVML_ERROR_DRIVER_NOT_LOADED,
-                      NVML_ERROR_UNINITIALIZED, NVML_ERROR_LIBRARY_NOT_FOUND})
+_MEMORY_V2_FALLBACK = _UNSUPPORTED | {pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH, pynvml.NVML_ERROR_INVALID_ARGUMENT}
+# While opening GPUs: the driver itself went away, so no other GPU can be opened either.
+_DRIVER_GONE = frozenset({pynvml.NVML_ERROR_DRIVER_NOT_LOADED, pynvml.NVML_ERROR_UNINITIALIZED,
+                          pynvml.NVML_ERROR_LIBRARY_NOT_FOUND})
 
 # NVML code -> (error kind, ask the sampler to re-initialise NVML)
 _KINDS: dict[int, tuple[str, bool]] = {
-    NVML_ERROR_GPU_IS_LOST: ("gpu_lost", False),
-    NVML_ERROR_RESET_REQUIRED: ("gpu_lost", False),  # unusable until reset, operationally the same as lost
-    NVML_ERROR_NOT_SUPPORTED: ("not_supported", False),
-    NVML_ERROR_TIMEOUT: ("timeout", False),
-    NVML_ERROR_DRIVER_NOT_LOADED: ("driver_not_loaded", True),
-    NVML_ERROR_UNINITIALIZED: ("uninitialized", True),
-    NVML_ERROR_LIBRARY_NOT_FOUND: ("driver_not_loaded", True),
+    pynvml.NVML_ERROR_GPU_IS_LOST: ("gpu_lost", False),
+    pynvml.NVML_ERROR_RESET_REQUIRED: ("gpu_lost", False),  # unusable until reset, operationally the same as lost
+    pynvml.NVML_ERROR_NOT_SUPPORTED: ("not_supported", False),
+    pynvml.NVML_ERROR_TIMEOUT: ("timeout", False),
+    pynvml.NVML_ERROR_DRIVER_NOT_LOADED: ("driver_not_loaded", True),
+    pynvml.NVML_ERROR_UNINITIALIZED: ("uninitialized", True),
+    pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: ("driver_not_loaded", True),
 }
 
 _SIMULATE_HINT = "run with --simulate to use simulated GPUs"
@@ -66,10 +49,6 @@ def _code(exc: BaseException) -> int | None:
     """The NVML return code carried by a pynvml.NVMLError (None for anything else)."""
     value = getattr(exc, "value", None)
     return value if isinstance(value, int) else None
-
-
-def _is_nvml_error(exc: BaseException) -> bool:
-    return pynvml is not None and isinstance(exc, pynvml.NVMLError)
 
 
 def _describe(exc: BaseException) -> str:
@@ -96,14 +75,14 @@ def _unavailable(where: str, exc: BaseException) -> BackendUnavailable:
     """Translate a failure to initialise or enumerate into a one-line reason with what to do."""
     code = _code(exc)
     what = f"{where}: {_describe(exc)}"
-    if code == NVML_ERROR_LIBRARY_NOT_FOUND:
+    if code == pynvml.NVML_ERROR_LIBRARY_NOT_FOUND:
         msg = f"NVML library libnvidia-ml.so.1 not found: no NVIDIA driver on this host; {_SIMULATE_HINT}"
-    elif code == NVML_ERROR_DRIVER_NOT_LOADED:
+    elif code == pynvml.NVML_ERROR_DRIVER_NOT_LOADED:
         msg = f"NVIDIA kernel driver is not loaded ({what}): load the nvidia module, or {_SIMULATE_HINT}"
-    elif code == NVML_ERROR_NO_PERMISSION:
+    elif code == pynvml.NVML_ERROR_NO_PERMISSION:
         msg = (f"no permission to use the NVIDIA driver ({what}): give wattson access to /dev/nvidia*, "
                f"or {_SIMULATE_HINT}")
-    elif code == NVML_ERROR_LIB_RM_VERSION_MISMATCH:
+    elif code == pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH:
         msg = (f"NVML library and NVIDIA kernel driver versions differ ({what}): "
                f"reload the driver or reboot, or {_SIMULATE_HINT}")
     else:
@@ -159,19 +138,17 @@ class NvmlDevice:
         """
         try:
             return call(), True
-        except Exception as exc:
-            if not _is_nvml_error(exc):
-                raise
+        except pynvml.NVMLError as exc:
             code = _code(exc)
-            if code in _SERIOUS:
+            if code in SERIOUS_ERRORS:
                 raise self._error(function, exc) from None
             if code in _UNSUPPORTED:
                 log.info("GPU metric not supported; not asking again",
-                         extra={"kv": {"gpu": self.identity.index, "uuid": self.identity.uuid,
-                                       "function": function, "err": _describe(exc)}})
+                         extra=kv(gpu=self.identity.index, uuid=self.identity.uuid, function=function,
+                                  err=_describe(exc)))
                 return None, False
             log.debug("optional GPU metric failed",
-                      extra={"kv": {"gpu": self.identity.index, "function": function, "err": _describe(exc)}})
+                      extra=kv(gpu=self.identity.index, function=function, err=_describe(exc)))
             return None, True
 
     def read(self) -> GpuReading:
@@ -179,25 +156,20 @@ class NvmlDevice:
         handle = self._handle
         try:
             power_mw = pynvml.nvmlDeviceGetPowerUsage(handle)
-        except Exception as exc:
-            if not _is_nvml_error(exc):
-                raise
+        except pynvml.NVMLError as exc:
             raise self._error("nvmlDeviceGetPowerUsage", exc) from None
 
         energy_mj: int | None = None
         if self.energy_supported:
             try:
                 energy_mj = int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
-            except Exception as exc:
-                if not _is_nvml_error(exc):
-                    raise
+            except pynvml.NVMLError as exc:
                 if _code(exc) not in _UNSUPPORTED:
                     # The counter is the measurement: a failed read must not silently switch to integration.
                     raise self._error("nvmlDeviceGetTotalEnergyConsumption", exc) from None
                 self.energy_supported = False
                 log.info("GPU has no energy counter; power will be integrated",
-                         extra={"kv": {"gpu": self.identity.index, "uuid": self.identity.uuid,
-                                       "err": _describe(exc)}})
+                         extra=kv(gpu=self.identity.index, uuid=self.identity.uuid, err=_describe(exc)))
         timestamp = self._clock()
         mono = self._monotonic()
 
@@ -220,9 +192,7 @@ class NvmlDevice:
         if self._backend.collect_processes:
             try:
                 processes, self._processes_since_us = read_processes(pynvml, handle, self._processes_since_us)
-            except Exception as exc:
-                if not _is_nvml_error(exc):
-                    raise
+            except pynvml.NVMLError as exc:
                 raise self._error("nvmlDeviceGetComputeRunningProcesses", exc) from None
 
         return GpuReading(
@@ -247,17 +217,15 @@ class NvmlDevice:
                 return int(mem.used), int(mem.total)
             except TypeError:  # a pynvml without the version argument
                 self.memory_v2 = False
-            except Exception as exc:
-                if not _is_nvml_error(exc):
-                    raise
+            except pynvml.NVMLError as exc:
                 code = _code(exc)
-                if code in _SERIOUS:
+                if code in SERIOUS_ERRORS:
                     raise self._error("nvmlDeviceGetMemoryInfo_v2", exc) from None
                 if code not in _MEMORY_V2_FALLBACK:
                     return None, None  # transient: try v2 again next time
                 self.memory_v2 = False
                 log.info("memory info v2 not available; using v1 (counts reserved memory as used)",
-                         extra={"kv": {"gpu": self.identity.index, "err": _describe(exc)}})
+                         extra=kv(gpu=self.identity.index, err=_describe(exc)))
         mem, self.memory_supported = self._optional(
             "nvmlDeviceGetMemoryInfo", lambda: pynvml.nvmlDeviceGetMemoryInfo(handle))
         if mem is None:
@@ -270,11 +238,12 @@ class NvmlBackend:
 
     name = "nvml"
     simulated = False
-    # Per-workload attribution (off by default) asks each read for the GPU's compute processes too.
-    collect_processes = False
 
-    def __init__(self, clock: Callable[[], float] = time.time,
+    def __init__(self, collect_processes: bool = False, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
+        # Per-workload attribution (off by default) asks each read for the GPU's compute processes too;
+        # off, NVML is never asked for them (they cost driver calls and may need more privileges).
+        self.collect_processes = collect_processes
         self.clock = clock
         self.monotonic = monotonic
         self.initialized = False
@@ -303,19 +272,14 @@ class NvmlBackend:
         try:
             pynvml.nvmlShutdown()
         except Exception as exc:  # the driver may already be gone; nothing left to release then
-            log.debug("nvmlShutdown failed", extra={"kv": {"err": _describe(exc)}})
+            log.debug("nvmlShutdown failed", extra=kv(err=_describe(exc)))
 
     def _start(self) -> list[GpuDevice]:
-        if pynvml is None:
-            raise BackendUnavailable("Python package nvidia-ml-py (module pynvml) is not installed: "
-                                     f"pip install nvidia-ml-py, or {_SIMULATE_HINT}")
         if self.initialized:  # start() twice: keep NVML's init/shutdown reference count balanced
             self._shutdown()
         try:
             pynvml.nvmlInit()
-        except Exception as exc:
-            if not _is_nvml_error(exc):
-                raise
+        except pynvml.NVMLError as exc:
             raise _unavailable("nvmlInit", exc) from None
         self.initialized = True
         self.generation += 1
@@ -325,23 +289,19 @@ class NvmlBackend:
             self._shutdown()
             raise
         log.info("NVML initialised",
-                 extra={"kv": {"driver_version": self.driver_version, "gpus": len(devices)}})
+                 extra=kv(driver_version=self.driver_version, gpus=len(devices)))
         return devices
 
     def _enumerate(self) -> list[GpuDevice]:
         try:
             self.driver_version = _text(pynvml.nvmlSystemGetDriverVersion()) or "unknown"
-        except Exception as exc:
-            if not _is_nvml_error(exc):
-                raise
-            if _code(exc) in _SERIOUS:
+        except pynvml.NVMLError as exc:
+            if _code(exc) in SERIOUS_ERRORS:
                 raise _unavailable("nvmlSystemGetDriverVersion", exc) from None
             self.driver_version = "unknown"
         try:
             count = int(pynvml.nvmlDeviceGetCount())
-        except Exception as exc:
-            if not _is_nvml_error(exc):
-                raise
+        except pynvml.NVMLError as exc:
             raise _unavailable("nvmlDeviceGetCount", exc) from None
 
         devices: list[GpuDevice] = []
@@ -349,16 +309,13 @@ class NvmlBackend:
         for index in range(count):
             try:
                 devices.append(self._open(index))
-            except Exception as exc:
-                if not _is_nvml_error(exc):
-                    raise
-                if _code(exc) in (NVML_ERROR_DRIVER_NOT_LOADED, NVML_ERROR_UNINITIALIZED,
-                                  NVML_ERROR_LIBRARY_NOT_FOUND):
+            except pynvml.NVMLError as exc:
+                if _code(exc) in _DRIVER_GONE:
                     raise _unavailable(f"GPU {index}", exc) from None
                 # One GPU off the bus or hidden from this container must not hide the others.
                 failures.append(f"GPU {index}: {_describe(exc)}")
                 log.warning("cannot open GPU; skipping it",
-                            extra={"kv": {"gpu": index, "err": _describe(exc)}})
+                            extra=kv(gpu=index, err=_describe(exc)))
         if count > 0 and not devices:
             raise BackendUnavailable(f"NVML found {count} GPU(s) but none could be opened "
                                      f"({'; '.join(failures)}): check the NVIDIA driver with nvidia-smi, "
@@ -366,7 +323,7 @@ class NvmlBackend:
         self.uuids = frozenset(d.identity.uuid for d in devices)
         if count == 0:
             log.warning("NVML reports no GPUs on this host",
-                        extra={"kv": {"driver_version": self.driver_version}})
+                        extra=kv(driver_version=self.driver_version))
         return devices
 
     def _open(self, index: int) -> NvmlDevice:
@@ -383,10 +340,8 @@ class NvmlBackend:
         """MIG on: the physical GPU is still read as a whole (power and energy are per physical GPU)."""
         try:
             current, _pending = pynvml.nvmlDeviceGetMigMode(handle)
-        except Exception as exc:
-            if not _is_nvml_error(exc):
-                raise
-            if _code(exc) in _SERIOUS:
+        except pynvml.NVMLError as exc:
+            if _code(exc) in SERIOUS_ERRORS:
                 raise
             return False  # NotSupported: a GPU without MIG
-        return int(current) == NVML_DEVICE_MIG_ENABLE
+        return int(current) == pynvml.NVML_DEVICE_MIG_ENABLE

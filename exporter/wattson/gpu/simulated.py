@@ -5,13 +5,12 @@ Only used when asked for (`--simulate` or `gpu.backend: simulated`), and always 
 counter is the exact integral of the simulated power, like a real NVML counter.
 
 Optionally, simulated jobs (Slurm jobs, containers, pods, bare processes) run on the GPUs: their
-processes are reported like NVML's compute process list, and `SimulatedBackend.procfs` serves them
-a /proc view in Linux's file formats, so per-workload accounting runs its real parsers on them.
+processes are reported like NVML's compute process list. Their /proc view is per-workload accounting's
+business (wattson.workloads.simulated_proc), built from the backend's `jobs`, `origin` and `monotonic`.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import math
 import threading
@@ -23,7 +22,9 @@ from typing import Any
 
 from .base import GpuDevice, GpuIdentity, GpuProcess, GpuReading
 
-SLOT_SECONDS = 0.01  # resolution of the simulated power signal
+# Resolution of the simulated power signal. Each read integrates every slot since the last one, so the
+# slot length sets the simulator's own cost: 100 ms keeps 1,024 simulated GPUs well inside a round.
+SLOT_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def _hash01(*parts: int) -> float:
 
 
 def profile_power(profile: str, model: GpuModel, seed: int, gpu: int, slot: int) -> tuple[float, float]:
-    """(watts, utilization ratio) of one GPU during one 10 ms slot."""
+    """(watts, utilization ratio) of one GPU during one slot of SLOT_SECONDS."""
     t = slot * SLOT_SECONDS
     noise = _hash01(seed, gpu, slot) - 0.5
     span = model.tdp_watts - model.idle_watts
@@ -74,7 +75,7 @@ def profile_power(profile: str, model: GpuModel, seed: int, gpu: int, slot: int)
     elif profile == "inference":
         # Requests arrive in bursts: each 200 ms window is busy with a probability that itself
         # drifts slowly (diurnal-like), a busy window runs at 55-95% TDP.
-        window = slot // 20
+        window = slot // round(0.2 / SLOT_SECONDS)
         busy_p = 0.35 + 0.25 * math.sin(2 * math.pi * t / 600.0 + gpu)
         if _hash01(seed, gpu, window, 7) < busy_p:
             level = 0.55 + 0.40 * _hash01(seed, gpu, window, 11)
@@ -147,46 +148,6 @@ def build_jobs(jobs: Sequence[Any]) -> tuple[SimJob, ...]:
             pod_name=j.pod_name, namespace=j.namespace, mig_instance=j.mig_instance,
         ))
     return tuple(out)
-
-
-class SimulatedProcFS:
-    """/proc/<pid>/{cgroup,status,stat} of the simulated jobs' live processes, in Linux's formats.
-
-    `users` (uid -> name) and `pods` (container id -> (pod name, namespace)) stand in for the host's
-    passwd database and container runtime metadata.
-    """
-
-    def __init__(self, jobs: tuple[SimJob, ...], origin: float, monotonic: Callable[[], float]) -> None:
-        self.jobs = jobs
-        self._origin = origin
-        self._monotonic = monotonic
-        self.users = {j.uid: j.user for j in jobs}
-        self.pods = {j.container_id: (j.pod_name, j.namespace) for j in jobs
-                     if j.kind == "pod" and j.pod_name and j.namespace}
-
-    def read_text(self, pid: int, name: str) -> str:
-        t = self._monotonic() - self._origin
-        for job in self.jobs:
-            if not job.active(t):
-                continue
-            for rank, _gpu in enumerate(job.gpus):
-                if job.first_pid + rank == pid:
-                    return self._file(job, rank, pid, name)
-        raise FileNotFoundError(errno.ENOENT, "No such file or directory", f"/proc/{pid}/{name}")
-
-    @staticmethod
-    def _file(job: SimJob, rank: int, pid: int, name: str) -> str:
-        if name == "cgroup":
-            return job.cgroup(rank)
-        if name == "status":
-            ids = "\t".join([str(job.uid)] * 4)
-            return (f"Name:\tpython3\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t{pid}\nPid:\t{pid}\n"
-                    f"PPid:\t1\nUid:\t{ids}\nGid:\t{ids}\n")
-        if name == "stat":
-            # fields 3..21, then 22 (starttime), then a few more
-            fields = ["S", "1", str(pid), str(pid), "0", "-1", "4194560"] + ["0"] * 8 + ["20", "0", "1", "0"]
-            return f"{pid} (python3) " + " ".join(fields + [str(job.start_ticks), "1000000", "2000"]) + "\n"
-        raise FileNotFoundError(errno.ENOENT, "No such file or directory", f"/proc/{pid}/{name}")
 
 
 class SimulatedGpu:
@@ -271,6 +232,8 @@ class SimulatedGpu:
 
 
 class SimulatedBackend:
+    """Simulated GPUs; with `jobs` (even empty) they report compute processes, without (None) they do not."""
+
     name = "simulated"
     simulated = True
 
@@ -279,22 +242,22 @@ class SimulatedBackend:
                  jobs: Sequence[Any] | None = None) -> None:
         self._args = (count, MODELS[model], profiles, seed, energy_counter)
         self._clock = clock
-        self._monotonic = monotonic
+        self.monotonic = monotonic
         self._devices: list[GpuDevice] = []
-        self.jobs = None if jobs is None else build_jobs(jobs)
-        # The /proc view of the jobs' processes; None without jobs (then processes are not reported).
-        self.procfs: SimulatedProcFS | None = None
+        # The simulated jobs, None when none are configured (then no process list is reported). Public so
+        # a simulated /proc can serve the jobs' processes.
+        self.jobs: tuple[SimJob, ...] | None = None if jobs is None else build_jobs(jobs)
+        # monotonic() at start(): job times (start_seconds, end_seconds) count from here. None before start().
+        self.origin: float | None = None
 
     def start(self) -> list[GpuDevice]:
         count, model, profiles, seed, energy_counter = self._args
-        origin = self._monotonic()
+        origin = self.origin = self.monotonic()
         self._devices = [
-            SimulatedGpu(i, model, profiles[i % len(profiles)], seed, energy_counter, self._clock, self._monotonic,
+            SimulatedGpu(i, model, profiles[i % len(profiles)], seed, energy_counter, self._clock, self.monotonic,
                          self.jobs, origin)
             for i in range(count)
         ]
-        if self.jobs is not None:
-            self.procfs = SimulatedProcFS(self.jobs, origin, self._monotonic)
         return list(self._devices)
 
     def restart(self) -> list[GpuDevice]:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from datetime import datetime, time, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, PlainValidator, ValidationInfo, model_validator
 
 from ..model import HttpSourceConfigBase, PriceAdjustments
 from .base import FetchResult, Interval, Signal, SourceError
-from .http import HttpClient, require
-from .octopus import decode_json
+from .http import HttpClient
+from .response import ApiModel, asked, fault, parse, plausible_price, show
 
 NAME = "awattar"
 API_PATH = "/v1/marketdata"
@@ -26,8 +26,6 @@ CURRENCY = "EUR"
 HOSTS = {"DE": "https://api.awattar.de", "AT": "https://api.awattar.at"}
 MARKET_TZ = ZoneInfo("Europe/Berlin")  # Berlin and Vienna share CET/CEST
 PUBLICATION_LOCAL = time(14, 0)  # aWATTar shows the next day from early afternoon
-MAX_ABS_PRICE_PER_KWH = Decimal(100)
-UNITS_PER_MWH = {"eur/mwh"}
 
 
 def country_of(zone: str) -> str:
@@ -46,6 +44,51 @@ class Config(HttpSourceConfigBase, PriceAdjustments):
         default=None, description="Market: DE (api.awattar.de) or AT (api.awattar.at); default from the zone.")
     base_url: str | None = Field(  # type: ignore[assignment]
         default=None, description="API root override; default is the country's aWATTar host.")
+
+
+def _millis(value: Any) -> int:
+    """A UNIX time in whole milliseconds."""
+    if not isinstance(value, Decimal) or not value.is_finite() or value != value.to_integral_value():
+        raise fault("malformed", f"is not a millisecond timestamp: {show(value)}")
+    if not 0 < value < 10 ** 14:
+        raise fault("malformed", f"{value} is out of range")
+    return int(value)
+
+
+def _eur_per_mwh(value: str) -> str:
+    if value.strip().lower() != "eur/mwh":
+        raise fault("invalid_value", f"is {show(value)}, expected Eur/MWh")
+    return value
+
+
+class MarketPrice(ApiModel):
+    """One market period [start_timestamp, end_timestamp) and its price in Eur/MWh."""
+
+    start_timestamp: Annotated[int, PlainValidator(_millis)]
+    end_timestamp: Annotated[int, PlainValidator(_millis)]
+    marketprice: Annotated[Decimal, AfterValidator(plausible_price("Eur/MWh", 1000))] | None  # null: skipped
+    unit: Annotated[str, AfterValidator(_eur_per_mwh)]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MarketPrice:
+        if self.end_timestamp <= self.start_timestamp:
+            raise fault("malformed", "end_timestamp is not after start_timestamp")
+        return self
+
+
+def _same_country(value: str, info: ValidationInfo) -> str:
+    """The url names the market it answered for ("/de/v1/marketdata"); other shapes say nothing."""
+    segment = value.strip("/").split("/", 1)[0]
+    if len(segment) == 2 and segment.isalpha() and segment.upper() != asked(info, "country"):
+        raise fault("wrong_zone", f"= {show(value)} is for {segment.upper()}, configured {asked(info, 'country')}")
+    return value
+
+
+class MarketData(ApiModel):
+    """GET /v1/marketdata: the market periods asked for; `url` names the market that answered."""
+
+    data: list[MarketPrice]
+    url: Annotated[str, AfterValidator(_same_country)] | None = None
 
 
 class AwattarSource:
@@ -68,9 +111,8 @@ class AwattarSource:
         start = datetime.combine(local.date() - timedelta(days=1), time(), MARKET_TZ).timestamp()
         end = datetime.combine(local.date() + timedelta(days=2), time(), MARKET_TZ).timestamp()
         params = {"start": str(int(start * 1000)), "end": str(int(end * 1000))}
-        resp = self.client.request("GET", API_PATH, params=params)
-        body = decode_json(resp.content, f"{NAME}: GET {API_PATH}")
-        intervals = self.parse(body)
+        body = self.client.get_json(API_PATH, params=params)
+        intervals = self.intervals(parse(MarketData, body, f"{NAME}: GET {API_PATH}", {"country": self.country}))
         covered = max(iv.end for iv in intervals)
         next_poll = None
         if covered >= end:  # tomorrow is known; the next day appears tomorrow afternoon
@@ -78,53 +120,19 @@ class AwattarSource:
             next_poll = datetime.combine(next_day, PUBLICATION_LOCAL, MARKET_TZ).timestamp() - now
         return FetchResult(intervals=intervals, currency=CURRENCY, next_poll_seconds=next_poll)
 
-    def parse(self, body: Any) -> tuple[Interval, ...]:
-        where = f"GET {API_PATH}"
-        data = require(body, "data", NAME, where)
-        if not isinstance(data, list):
-            raise SourceError("malformed", f"{NAME}: {where}: field 'data' is not a list")
-        url = body.get("url")
-        if isinstance(url, str):
-            segment = url.strip("/").split("/", 1)[0]
-            if len(segment) == 2 and segment.isalpha() and segment.upper() != self.country:
-                raise SourceError("wrong_zone", f"{NAME}: {where}: field 'url' {url!r} is for "
-                                  f"{segment.upper()}, configured {self.country}")
-        out: list[Interval] = []
-        for i, row in enumerate(data):
-            rw = f"{where}: data[{i}]"
-            start_ms = self._ms(require(row, "start_timestamp", NAME, rw), rw, "start_timestamp")
-            end_ms = self._ms(require(row, "end_timestamp", NAME, rw), rw, "end_timestamp")
-            price = require(row, "marketprice", NAME, rw)
-            unit = require(row, "unit", NAME, rw)
-            if not isinstance(unit, str) or unit.strip().lower() not in UNITS_PER_MWH:
-                raise SourceError("invalid_value", f"{NAME}: {rw}: field 'unit' is {unit!r}, expected Eur/MWh")
-            if price is None:
-                continue  # unknown price: skipped, never priced as zero
-            if not isinstance(price, Decimal) or not price.is_finite():
-                raise SourceError("malformed", f"{NAME}: {rw}: field 'marketprice' is not a number")
-            if abs(price) / 1000 > MAX_ABS_PRICE_PER_KWH:
-                raise SourceError("invalid_value", f"{NAME}: {rw}: field 'marketprice' {price} Eur/MWh "
-                                  "is not a plausible price")
-            if end_ms <= start_ms:
-                raise SourceError("malformed", f"{NAME}: {rw}: end_timestamp is not after start_timestamp")
-            out.append(Interval(float(start_ms / 1000), float(end_ms / 1000), float(price / 1000)))
-        out.sort()
+    @staticmethod
+    def intervals(market: MarketData) -> tuple[Interval, ...]:
+        """Known prices in EUR/kWh, in time order; periods must not overlap."""
+        where = f"{NAME}: GET {API_PATH}"
+        out = sorted(Interval(row.start_timestamp / 1000, row.end_timestamp / 1000, float(row.marketprice / 1000))
+                     for row in market.data if row.marketprice is not None)
         for a, b in zip(out, out[1:], strict=False):
             if b.start < a.end:
-                raise SourceError("malformed", f"{NAME}: {where}: entries overlap at start_timestamp "
+                raise SourceError("malformed", f"{where}: entries overlap at start_timestamp "
                                   f"{int(b.start * 1000)}")
         if not out:
-            raise SourceError("no_data", f"{NAME}: {where}: field 'data' holds no prices")
+            raise SourceError("no_data", f"{where}: field 'data' holds no prices")
         return tuple(out)
-
-    @staticmethod
-    def _ms(value: Any, where: str, field_name: str) -> Decimal:
-        if not isinstance(value, Decimal) or not value.is_finite() or value != value.to_integral_value():
-            raise SourceError("malformed", f"{NAME}: {where}: field '{field_name}' is not a millisecond "
-                              f"timestamp: {str(value)[:40]!r}")
-        if not 0 < value < Decimal(10) ** 14:
-            raise SourceError("malformed", f"{NAME}: {where}: field '{field_name}' {value} is out of range")
-        return value
 
 
 def build(cfg: Config, zone: str) -> AwattarSource:

@@ -15,13 +15,14 @@ with something we must not trust.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal, TypeVar
 
 from pydantic import Field
 
 from ..model import HttpSourceConfigBase
 from .base import FetchResult, Interval, Signal, SourceError
-from .http import HttpClient, intensity_value, parse_iso8601, read_secret, require
+from .http import HttpClient, read_secret
+from .response import ApiModel, Intensity, IsoTime, SameZone, parse
 
 NAME = "electricitymaps"
 DEFAULT_BASE_URL = "https://api.electricitymap.org"
@@ -41,6 +42,48 @@ class Config(HttpSourceConfigBase):
     emission_factor_type: Literal["lifecycle", "direct"] = Field(
         default="lifecycle", description="lifecycle (incl. upstream emissions) or direct (combustion only).")
     use_forecast: bool = Field(default=True, description="Also fetch the forecast (not available on all plans).")
+
+
+class Hour(ApiModel):
+    """One hour of carbon intensity, as history, latest and forecast all list it."""
+
+    zone: SameZone | None = None  # history entries repeat the zone; forecast entries leave it out
+    carbonIntensity: Intensity | None  # null: no value for that hour (skipped, never 0)
+    datetime: IsoTime  # start of the hour
+    isEstimated: bool | None = None
+
+    def interval(self, forecast: bool) -> Interval | None:
+        if self.carbonIntensity is None:
+            return None
+        return Interval(self.datetime, self.datetime + HOUR_SECONDS, self.carbonIntensity,
+                        estimated=bool(self.isEstimated), forecast=forecast)
+
+
+class Latest(Hour):
+    """The current hour: one entry, which always names its zone."""
+
+    zone: SameZone
+
+
+class History(ApiModel):
+    """The past 24 hours."""
+
+    zone: SameZone
+    history: list[Hour]
+
+
+class Forecast(ApiModel):
+    """The hours ahead (not on every plan)."""
+
+    zone: SameZone
+    forecast: list[Hour]
+
+
+Answer = TypeVar("Answer", Latest, History, Forecast)
+
+
+def _intervals(hours: list[Hour], forecast: bool) -> list[Interval]:
+    return [iv for hour in hours if (iv := hour.interval(forecast)) is not None]
 
 
 class ElectricityMapsSource:
@@ -68,67 +111,33 @@ class ElectricityMapsSource:
         assert self._key is not None
         return self._key
 
-    def _get(self, kind: str) -> tuple[str, Any]:
+    def _get(self, kind: str, model: type[Answer]) -> Answer:
         path = f"/v3/carbon-intensity/{kind}"
         params = {"zone": self.api_zone, "emissionFactorType": self.cfg.emission_factor_type}
         body = self.http.get_json(path, params=params, headers={"auth-token": self._api_key()})
-        if not isinstance(body, dict):
-            raise SourceError("malformed", f"{NAME}: GET {path}: expected a JSON object, got {type(body).__name__}")
-        self._check_zone(body, f"GET {path}")
-        return path, body
+        return parse(model, body, f"{NAME}: GET {path}", {"zone": self.api_zone})
 
-    def _check_zone(self, obj: dict[str, Any], where: str) -> None:
-        got = require(obj, "zone", NAME, where)
-        if not isinstance(got, str) or got.upper() != self.api_zone.upper():
-            raise SourceError("wrong_zone", f"{NAME}: {where}: field 'zone' is {got!r}, expected {self.api_zone!r}")
-
-    def _entry(self, entry: Any, where: str, forecast: bool) -> Interval | None:
-        if not isinstance(entry, dict):
-            raise SourceError("malformed", f"{NAME}: {where}: expected an object, got {type(entry).__name__}")
-        if "zone" in entry:
-            self._check_zone(entry, where)
-        value = intensity_value(require(entry, "carbonIntensity", NAME, where), NAME, where, "carbonIntensity")
-        start = parse_iso8601(require(entry, "datetime", NAME, where), NAME, f"{where}: datetime")
-        if value is None:
-            return None
-        estimated = entry.get("isEstimated")
-        if estimated is not None and not isinstance(estimated, bool):
-            raise SourceError("malformed", f"{NAME}: {where}: field 'isEstimated' is not a boolean: {estimated!r}")
-        return Interval(start, start + HOUR_SECONDS, value, estimated=bool(estimated), forecast=forecast)
-
-    def _series(self, path: str, body: dict[str, Any], key: str, forecast: bool) -> list[Interval]:
-        entries = require(body, key, NAME, f"GET {path}")
-        if not isinstance(entries, list):
-            raise SourceError("malformed", f"{NAME}: GET {path}: field '{key}' is not an array")
-        out = []
-        for i, entry in enumerate(entries):
-            interval = self._entry(entry, f"GET {path}: {key}[{i}]", forecast)
-            if interval is not None:
-                out.append(interval)
-        return out
-
-    def _optional_series(self, kind: str, forecast: bool, notes: dict[str, str]) -> list[Interval]:
+    def _optional(self, kind: str, model: type[Answer], notes: dict[str, str]) -> Answer | None:
         """History and forecast only add hours around `latest`: a plan, mirror or outage without them
         costs those hours (noted), not the signal. Bad content still fails the fetch."""
         try:
-            path, body = self._get(kind)
+            return self._get(kind, model)
         except SourceError as exc:
             if exc.reason not in OPTIONAL_FAILURES:
                 raise
             notes[kind] = f"unavailable ({exc.reason}): {exc}"
-            return []
-        return self._series(path, body, kind, forecast=forecast)
+            return None
 
     def fetch(self, now: float) -> FetchResult:
         notes: dict[str, str] = {"emission_factor_type": self.cfg.emission_factor_type}
-        path, body = self._get("latest")  # the one endpoint every plan has
-        latest = self._entry(body, f"GET {path}", forecast=False)
-        by_start = {iv.start: iv for iv in self._optional_series("history", False, notes)}
-        if latest is not None:
-            by_start[latest.start] = latest  # fresher than the same hour in history
-        if self.cfg.use_forecast:
-            for interval in self._optional_series("forecast", True, notes):
-                by_start.setdefault(interval.start, interval)  # never replace measured data
+        latest = self._get("latest", Latest)  # the one endpoint every plan has
+        history = self._optional("history", History, notes)
+        forecast = self._optional("forecast", Forecast, notes) if self.cfg.use_forecast else None
+        by_start = {iv.start: iv for iv in _intervals(history.history if history else [], forecast=False)}
+        for iv in _intervals([latest], forecast=False):
+            by_start[iv.start] = iv  # fresher than the same hour in history
+        for iv in _intervals(forecast.forecast if forecast else [], forecast=True):
+            by_start.setdefault(iv.start, iv)  # never replace measured data
         if not by_start:
             raise SourceError("no_data", f"{NAME}: zone {self.api_zone}: history, latest and forecast "
                                          "held no carbonIntensity values")

@@ -13,20 +13,20 @@ elements are matched by local name. Gotchas handled here:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import datetime, time, timedelta, timezone
-from decimal import Decimal, InvalidOperation
-from typing import Literal
+from decimal import Decimal
+from typing import Annotated, Any, Literal
 from xml.etree.ElementTree import Element, ParseError
 from zoneinfo import ZoneInfo
 
 import defusedxml.ElementTree as DET
 from defusedxml import DefusedXmlException
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, ConfigDict, Field, PlainValidator, ValidationInfo, field_validator, model_validator
 
 from ..model import HttpSourceConfigBase, PriceAdjustments
 from .base import FetchResult, Interval, Signal, SourceError
 from .http import HttpClient, read_secret, redact
+from .response import ApiModel, asked, fault, parse, plausible_price, show
 
 API_PATH = "/api"
 NAME = "entsoe"
@@ -34,8 +34,8 @@ NAME = "entsoe"
 MARKET_TZ = ZoneInfo("Europe/Brussels")
 # Results are usually published about 12:45 CET; ask again shortly after.
 PUBLICATION_LOCAL = time(13, 0)
-MAX_ABS_PRICE_PER_KWH = Decimal(100)
-RESOLUTIONS_SECONDS = {"PT15M": 900, "PT30M": 1800, "PT60M": 3600, "PT1H": 3600}
+Resolution = Literal["PT15M", "PT30M", "PT60M", "PT1H"]
+RESOLUTIONS_SECONDS: dict[str, int] = {"PT15M": 900, "PT30M": 1800, "PT60M": 3600, "PT1H": 3600}
 _EIC = re.compile(r"^[0-9]{2}[A-Z0-9-]{13}[A-Z0-9]$")
 
 # Bidding zones for day-ahead prices. Germany has been priced together with Luxembourg since
@@ -97,42 +97,147 @@ def _local(tag: object) -> str:
     return tag.rsplit("}", 1)[-1] if isinstance(tag, str) else ""
 
 
-def _child(el: Element, name: str) -> Element | None:
-    for c in el:
-        if _local(c.tag) == name:
-            return c
-    return None
+# Elements that may repeat; of any other element only the first is read.
+REPEATED = frozenset({"TimeSeries", "Period", "Point"})
 
 
-def _children(el: Element, name: str) -> list[Element]:
-    return [c for c in el if _local(c.tag) == name]
+def _tree(el: Element) -> dict[str, Any]:
+    """An element's children by local name (the namespace changes between schema versions): text for a
+    leaf, a dict for an element with children, a list for those in REPEATED. Attributes are not read, and
+    an empty leaf is left out, so it reads as missing."""
+    out: dict[str, Any] = {}
+    for child in el:
+        name = _local(child.tag)
+        if name in REPEATED:
+            out.setdefault(name, []).append(_tree(child))
+        elif name not in out:
+            value = _tree(child) if len(child) else (child.text or "").strip()
+            if value != "":
+                out[name] = value
+    return out
 
 
-def _text(el: Element, name: str, where: str, *, required: bool = True) -> str | None:
-    c = _child(el, name)
-    value = (c.text or "").strip() if c is not None else ""
-    if not value:
-        if required:
-            raise SourceError("missing_field", f"{NAME}: GET {API_PATH}: {where}: field '{name}' is missing")
-        return None
+class _Xml(ApiModel):
+    """Part of an XML document. Its text is typed by the schema, not by the document (a number arrives
+    as text), so values are converted rather than type-checked."""
+
+    model_config = ConfigDict(strict=False)  # merged with ApiModel's: extra fields still ignored
+
+
+def _utc_time(value: Any) -> float:
+    if isinstance(value, str):
+        for fmt in ("%Y-%m-%dT%H:%MZ", "%Y-%m-%dT%H:%M:%SZ"):
+            try:
+                return datetime.strptime(value, fmt).replace(tzinfo=timezone.utc).timestamp()
+            except ValueError:
+                continue
+    raise fault("malformed", f"is not a UTC time: {show(value)}")
+
+
+def _same_domain(value: str, info: ValidationInfo) -> str:
+    if value != asked(info, "eic"):
+        raise fault("wrong_zone", f"is {value}, requested {asked(info, 'eic')}")
     return value
 
 
-def _parse_time(value: str, where: str) -> float:
-    text = value.strip()
-    for fmt in ("%Y-%m-%dT%H:%MZ", "%Y-%m-%dT%H:%M:%SZ"):
-        try:
-            return datetime.strptime(text, fmt).replace(tzinfo=timezone.utc).timestamp()
-        except ValueError:
-            continue
-    raise SourceError("malformed", f"{NAME}: GET {API_PATH}: {where}: not a UTC time: {value!r}")
+def _iso_4217(value: str) -> str:
+    if not re.fullmatch(r"[A-Z]{3}", value):
+        raise fault("malformed", f"is not an ISO 4217 code: {show(value)}")
+    return value
 
 
-@dataclass(frozen=True)
-class _Series:
-    sequence: int | None
-    currency: str
-    intervals: list[tuple[float, float, Decimal]]
+def _per_mwh(value: str) -> str:
+    if value != "MWH":
+        raise fault("invalid_value", f"is {show(value)}, expected MWH")
+    return value
+
+
+UtcTime = Annotated[float, PlainValidator(_utc_time)]
+Domain = Annotated[str, AfterValidator(_same_domain)]  # an EIC code: the bidding zone asked for
+
+
+class TimeInterval(_Xml):
+    start: UtcTime
+    end: UtcTime
+
+
+class Point(_Xml):
+    position: int  # step number within the period, from 1
+    amount: Annotated[Decimal, AfterValidator(plausible_price("per MWh", 1000))] = Field(alias="price.amount")
+
+
+class Period(_Xml):
+    """Prices at one resolution over [timeInterval.start, timeInterval.end)."""
+
+    timeInterval: TimeInterval
+    resolution: Resolution
+    points: list[Point] = Field(default=[], alias="Point")  # none: no prices in this period
+
+    @property
+    def steps(self) -> int:
+        return int((self.timeInterval.end - self.timeInterval.start) // RESOLUTIONS_SECONDS[self.resolution])
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Period:
+        start, end, step = self.timeInterval.start, self.timeInterval.end, RESOLUTIONS_SECONDS[self.resolution]
+        if end <= start:
+            raise fault("malformed", "timeInterval ends at or before its start")
+        if (end - start) % step:
+            raise fault("malformed", f"timeInterval is not a whole number of {self.resolution} steps")
+        seen: set[int] = set()
+        for k, point in enumerate(self.points):
+            if not 1 <= point.position <= self.steps:
+                raise fault("invalid_value", f"Point[{k}]: field 'position' = {point.position} is outside "
+                                             f"1..{self.steps}")
+            if point.position in seen:
+                raise fault("malformed", f"Point[{k}]: position {point.position} repeats")
+            seen.add(point.position)
+        return self
+
+    def prices(self, curve: str) -> list[tuple[float, float, Decimal]]:
+        """(start, end, price per MWh) per listed point. Curve A01 prices one step per point (a missing
+        position stays unpriced); A03 holds each price until the next listed position, or the period end."""
+        step = RESOLUTIONS_SECONDS[self.resolution]
+        ordered = sorted((p.position, p.amount) for p in self.points)
+        out = []
+        for idx, (position, price) in enumerate(ordered):
+            if curve == "A03":
+                next_pos = ordered[idx + 1][0] if idx + 1 < len(ordered) else self.steps + 1
+            else:
+                next_pos = position + 1
+            out.append((self.timeInterval.start + (position - 1) * step,
+                        self.timeInterval.start + (next_pos - 1) * step, price))
+        return out
+
+
+class TimeSeries(_Xml):
+    """One auction's prices for one zone. Its periods are read only if its prices are used (`Period`),
+    so another auction's data never fail the fetch."""
+
+    in_domain: Domain = Field(alias="in_Domain.mRID")
+    out_domain: Domain | None = Field(default=None, alias="out_Domain.mRID")
+    currency: Annotated[str, AfterValidator(_iso_4217)] = Field(alias="currency_Unit.name")
+    unit: Annotated[str, AfterValidator(_per_mwh)] = Field(alias="price_Measure_Unit.name")
+    # Several auctions for one zone are numbered; number 1 (or none) is the day-ahead (SDAC) price.
+    sequence: int | None = Field(default=None, alias="classificationSequence_AttributeInstanceComponent.position")
+    curveType: Literal["A01", "A03"] = "A01"
+    periods: list[dict[str, Any]] = Field(alias="Period")
+
+
+class Publication(_Xml):
+    type: Literal["A44"] | None = None
+    time_series: list[TimeSeries] = Field(default=[], alias="TimeSeries")
+
+
+class Reason(_Xml):
+    code: str = ""
+    text: str = ""
+
+
+class Acknowledgement(_Xml):
+    """The answer instead of a Publication when the platform has nothing to publish or refuses."""
+
+    reason: Reason = Field(default_factory=Reason, alias="Reason")
 
 
 class EntsoeSource:
@@ -204,33 +309,30 @@ class EntsoeSource:
             raise SourceError("malformed", f"{where}: response is not valid XML ({type(exc).__name__})") from None
         kind = _local(root.tag)
         if kind == "Acknowledgement_MarketDocument":
-            raise self._acknowledgement(root)
+            raise self._acknowledgement(parse(Acknowledgement, _tree(root), where))
         if kind != "Publication_MarketDocument":
             raise SourceError("malformed", f"{where}: unexpected document {kind!r}")
-        doc_type = _text(root, "type", "Publication_MarketDocument", required=False)
-        if doc_type is not None and doc_type != "A44":
-            raise SourceError("malformed", f"{where}: field 'type' is {doc_type!r}, expected A44")
-
-        all_series = [self._series(ts, i) for i, ts in enumerate(_children(root, "TimeSeries"))]
-        if not all_series:
+        doc = parse(Publication, _tree(root), where, {"eic": self.eic})
+        if not doc.time_series:
             raise SourceError("no_data", f"{where}: document holds no TimeSeries")
-        # Numbered series are alternative auctions; number 1 is the day-ahead (SDAC) price.
-        chosen = [s for s in all_series if s.sequence in (None, 1)]
+        chosen = [(i, s) for i, s in enumerate(doc.time_series) if s.sequence in (None, 1)]
         if not chosen:
-            found = sorted({s.sequence for s in all_series if s.sequence is not None})
+            found = sorted({s.sequence for s in doc.time_series if s.sequence is not None})
             raise SourceError("no_data", f"{where}: no TimeSeries with "
                               f"classificationSequence_AttributeInstanceComponent.position 1 (found {found})")
-        currencies = {s.currency for s in chosen}
+        currencies = {s.currency for _, s in chosen}
         if len(currencies) != 1:
             raise SourceError("malformed", f"{where}: TimeSeries mix currencies {sorted(currencies)}")
         slots: dict[float, tuple[float, Decimal]] = {}
-        for s in chosen:
-            for a, b, value in s.intervals:
-                prev = slots.get(a)
-                if prev is not None and prev != (b, value):
-                    raise SourceError("malformed", f"{where}: two TimeSeries disagree about the price at "
-                                      f"{datetime.fromtimestamp(a, timezone.utc):%Y-%m-%dT%H:%MZ}")
-                slots[a] = (b, value)
+        for i, series in chosen:
+            for j, raw in enumerate(series.periods):
+                period = parse(Period, raw, f"{where}: TimeSeries[{i}].Period[{j}]")
+                for a, b, value in period.prices(series.curveType):
+                    prev = slots.get(a)
+                    if prev is not None and prev != (b, value):
+                        raise SourceError("malformed", f"{where}: two TimeSeries disagree about the price at "
+                                          f"{datetime.fromtimestamp(a, timezone.utc):%Y-%m-%dT%H:%MZ}")
+                    slots[a] = (b, value)
         ordered = sorted(slots.items())
         for (_a, (b, _)), (c, _) in zip(ordered, ordered[1:], strict=False):
             if c < b:
@@ -241,114 +343,15 @@ class EntsoeSource:
             raise SourceError("no_data", f"{where}: TimeSeries hold no prices")
         return intervals, currencies.pop()
 
-    def _acknowledgement(self, root: Element) -> SourceError:
+    def _acknowledgement(self, ack: Acknowledgement) -> SourceError:
         where = f"{NAME}: GET {API_PATH}"
-        reason = _child(root, "Reason")
-        code = text = ""
-        if reason is not None:
-            code = (_text(reason, "code", "Reason", required=False) or "")
-            text = (_text(reason, "text", "Reason", required=False) or "")
+        code = ack.reason.code
         # Redact first, then cut: a token straddling the cut must not leave its first characters behind.
-        text = " ".join(redact(text, self.secrets()).split())[:200]
+        text = " ".join(redact(ack.reason.text, self.secrets()).split())[:200]
         # The platform uses code 999 for every refusal; only "no matching data" means "not published yet".
         if code == "999" and (not text or "no matching data" in text.lower()):
             return SourceError("no_data", f"{where}: acknowledgement {code}: {text or 'no matching data'}")
         return SourceError("http_4xx", f"{where}: acknowledgement {code or '?'}: {text or 'request rejected'}")
-
-    def _series(self, ts: Element, index: int) -> _Series:
-        where = f"TimeSeries[{index}]"
-        for field_name in ("in_Domain.mRID", "out_Domain.mRID"):
-            domain = _text(ts, field_name, where, required=field_name == "in_Domain.mRID")
-            if domain is not None and domain != self.eic:
-                raise SourceError("wrong_zone", f"{NAME}: GET {API_PATH}: {where}: field '{field_name}' is "
-                                  f"{domain}, requested {self.eic}")
-        currency = _text(ts, "currency_Unit.name", where)
-        assert currency is not None
-        if not re.fullmatch(r"[A-Z]{3}", currency):
-            raise SourceError("malformed", f"{NAME}: GET {API_PATH}: {where}: field 'currency_Unit.name' is "
-                              f"not an ISO 4217 code: {currency!r}")
-        unit = _text(ts, "price_Measure_Unit.name", where)
-        if unit != "MWH":
-            raise SourceError("invalid_value", f"{NAME}: GET {API_PATH}: {where}: field 'price_Measure_Unit.name' "
-                              f"is {unit!r}, expected MWH")
-        seq_text = _text(ts, "classificationSequence_AttributeInstanceComponent.position", where, required=False)
-        sequence = None
-        if seq_text is not None:
-            if not seq_text.isdigit():
-                raise SourceError("malformed", f"{NAME}: GET {API_PATH}: {where}: field "
-                                  f"'classificationSequence_AttributeInstanceComponent.position' is {seq_text!r}")
-            sequence = int(seq_text)
-        curve = _text(ts, "curveType", where, required=False) or "A01"
-        if curve not in ("A01", "A03"):
-            raise SourceError("malformed", f"{NAME}: GET {API_PATH}: {where}: curveType {curve!r} is not "
-                              "supported (A01 or A03)")
-        periods = _children(ts, "Period")
-        if not periods:
-            raise SourceError("missing_field", f"{NAME}: GET {API_PATH}: {where}: field 'Period' is missing")
-        intervals: list[tuple[float, float, Decimal]] = []
-        if sequence not in (None, 1):
-            return _Series(sequence, currency, intervals)  # another auction: checked for zone only
-        for j, period in enumerate(periods):
-            intervals.extend(self._period(period, f"{where}.Period[{j}]", curve))
-        return _Series(sequence, currency, intervals)
-
-    def _period(self, period: Element, where: str, curve: str) -> list[tuple[float, float, Decimal]]:
-        api = f"{NAME}: GET {API_PATH}: {where}"
-        ti = _child(period, "timeInterval")
-        if ti is None:
-            raise SourceError("missing_field", f"{api}: field 'timeInterval' is missing")
-        start_text = _text(ti, "start", f"{where}.timeInterval")
-        end_text = _text(ti, "end", f"{where}.timeInterval")
-        assert start_text is not None and end_text is not None
-        start = _parse_time(start_text, f"{where}.timeInterval.start")
-        end = _parse_time(end_text, f"{where}.timeInterval.end")
-        if end <= start:
-            raise SourceError("malformed", f"{api}: timeInterval ends at or before its start")
-        resolution = _text(period, "resolution", where)
-        step = RESOLUTIONS_SECONDS.get(resolution or "")
-        if step is None:
-            raise SourceError("malformed", f"{api}: field 'resolution' {resolution!r} is not one of "
-                              f"{', '.join(RESOLUTIONS_SECONDS)}")
-        if (end - start) % step:
-            raise SourceError("malformed", f"{api}: timeInterval is not a whole number of {resolution} steps")
-        n_slots = int((end - start) // step)
-
-        points: dict[int, Decimal] = {}
-        for k, point in enumerate(_children(period, "Point")):
-            pw = f"{where}.Point[{k}]"
-            pos_text = _text(point, "position", pw)
-            assert pos_text is not None
-            if not pos_text.isdigit() or not 1 <= int(pos_text) <= n_slots:
-                raise SourceError("invalid_value", f"{NAME}: GET {API_PATH}: {pw}: field 'position' "
-                                  f"{pos_text!r} is outside 1..{n_slots}")
-            position = int(pos_text)
-            if position in points:
-                raise SourceError("malformed", f"{NAME}: GET {API_PATH}: {pw}: position {position} repeats")
-            amount = _text(point, "price.amount", pw)
-            assert amount is not None
-            try:
-                price = Decimal(amount)
-            except InvalidOperation:
-                raise SourceError("malformed", f"{NAME}: GET {API_PATH}: {pw}: field 'price.amount' is not a "
-                                  f"number: {amount[:40]!r}") from None
-            if not price.is_finite() or abs(price) / 1000 > MAX_ABS_PRICE_PER_KWH:
-                raise SourceError("invalid_value", f"{NAME}: GET {API_PATH}: {pw}: field 'price.amount' "
-                                  f"{amount[:40]} per MWh is not a plausible price")
-            points[position] = price
-        if not points:
-            return []
-
-        out: list[tuple[float, float, Decimal]] = []
-        ordered = sorted(points.items())
-        for idx, (position, price) in enumerate(ordered):
-            if curve == "A03":  # holds until the next listed position, or to the end of the period
-                next_pos = ordered[idx + 1][0] if idx + 1 < len(ordered) else n_slots + 1
-            else:
-                next_pos = position + 1
-            a = start + (position - 1) * step
-            b = start + (next_pos - 1) * step
-            out.append((a, b, price))
-        return out
 
 
 def build(cfg: Config, zone: str) -> EntsoeSource:

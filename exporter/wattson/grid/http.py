@@ -1,4 +1,4 @@
-"""HTTP plumbing shared by every web API source: timeouts, status mapping, Retry-After, redaction.
+"""HTTP plumbing shared by every web API source: timeouts, status mapping, Retry-After, redaction, JSON.
 
 Every error raised from here is a SourceError with a bounded reason and a one-line
 message naming the source and the API endpoint path, never the query string (which
@@ -11,6 +11,7 @@ import email.utils
 import json
 import os
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -124,56 +125,19 @@ class HttpClient:
 
     def get_json(self, path: str, **kwargs: Any) -> Any:
         resp = self.request("GET", path, **kwargs)
-        return self.decode_json(resp, path)
-
-    def decode_json(self, resp: requests.Response, path: str) -> Any:
-        try:
-            return json.loads(resp.content)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise SourceError("malformed", f"{self.source}: GET {path}: response is not valid JSON ({exc})") from None
+        return decode_json(resp.content, f"{self.source}: GET {urlsplit(path).path}")
 
     def get_text(self, path: str, **kwargs: Any) -> str:
         resp = self.request("GET", path, **kwargs)
         return resp.text
 
 
-def require(obj: Any, key: str, source: str, where: str) -> Any:
-    """obj[key] or a SourceError('missing_field') that names the API path and field."""
-    if not isinstance(obj, dict):
-        raise SourceError("malformed", f"{source}: {where}: expected an object, got {type(obj).__name__}")
-    if key not in obj:
-        raise SourceError("missing_field", f"{source}: {where}: field '{key}' is missing")
-    return obj[key]
-
-
-MAX_GRAMS_PER_KWH = 5000.0  # no grid on Earth is dirtier than pure lignite (~1,100 g/kWh); this is "absurd"
-
-
-def intensity_value(value: Any, source: str, where: str, field_name: str) -> float | None:
-    """A gCO2e/kWh number from an API: None when the API says null; rejects non-numbers and absurd values."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SourceError("malformed", f"{source}: {where}: field '{field_name}' is not a number: {value!r}")
-    if not 0 <= value <= MAX_GRAMS_PER_KWH:
-        raise SourceError("invalid_value", f"{source}: {where}: field '{field_name}' = {value!r} gCO2e/kWh "
-                                           f"is outside 0..{MAX_GRAMS_PER_KWH:g}")
-    return float(value)
-
-
-def parse_iso8601(value: Any, source: str, field_name: str) -> float:
-    """ISO 8601 timestamp (with Z or offset) -> UNIX seconds. Naive timestamps are taken as UTC."""
-    from datetime import datetime, timezone
-
-    if not isinstance(value, str):
-        raise SourceError("malformed", f"{source}: field '{field_name}' is not a timestamp string: {value!r}")
-    text = value.strip()
-    if text.endswith("Z") or text.endswith("z"):
-        text = text[:-1] + "+00:00"
+def decode_json(body: bytes, where: str) -> Any:
+    """JSON with every number as Decimal, so prices convert exactly (pence to pounds, per MWh to per kWh);
+    NaN and Infinity are not JSON and are refused. `where` names the source and the call."""
+    def bad_constant(name: str) -> Any:
+        raise ValueError(f"non-finite number {name}")
     try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        raise SourceError("malformed", f"{source}: field '{field_name}' is not ISO 8601: {value!r}") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+        return json.loads(body, parse_float=Decimal, parse_int=Decimal, parse_constant=bad_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SourceError("malformed", f"{where}: response is not valid JSON ({str(exc)[:80]})") from None

@@ -8,27 +8,26 @@ host, so a response can never send us elsewhere). Rates are pence per kWh, exact
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from datetime import datetime, time, timedelta, timezone
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
 from ..model import HttpSourceConfigBase, PriceAdjustments
 from .base import FetchResult, Interval, Signal, SourceError
-from .http import HttpClient, parse_iso8601, read_secret, require
+from .http import HttpClient, read_secret
+from .response import ApiModel, IsoTime, fault, parse, plausible_price
 
 NAME = "octopus"
 CURRENCY = "GBP"
 UK_TZ = ZoneInfo("Europe/London")
 # Agile rates for the next day appear around 16:00 UK time.
 PUBLICATION_LOCAL = time(16, 0)
-MAX_ABS_PRICE_PER_KWH = Decimal(100)
 _TARIFF = re.compile(r"^E-[12]R-[A-Z0-9-]+-[A-P]$")
 
 
@@ -60,22 +59,42 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _time(value: Any, where: str, field_name: str) -> float:
-    try:
-        return parse_iso8601(value, NAME, field_name)
-    except SourceError as exc:
-        raise SourceError(exc.reason, f"{NAME}: {where}: field '{field_name}' is not an ISO 8601 time: "
-                          f"{str(value)[:40]!r}") from None
+# A unit rate in pence per kWh, exactly as sent.
+Pence = Annotated[Decimal, AfterValidator(plausible_price("p/kWh", 100))]
 
 
-def decode_json(body: bytes, where: str) -> Any:
-    """JSON with numbers as Decimal, so pence convert to pounds exactly; NaN/Infinity are malformed."""
-    def bad_constant(name: str) -> Any:
-        raise ValueError(f"non-finite number {name}")
-    try:
-        return json.loads(body, parse_float=Decimal, parse_int=Decimal, parse_constant=bad_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SourceError("malformed", f"{where}: response is not valid JSON ({str(exc)[:80]})") from None
+class Rate(ApiModel):
+    """One unit rate, valid over [valid_from, valid_to). `value` is value_inc_vat or value_exc_vat, as
+    configured: the two subclasses below."""
+
+    value: Pence | None  # null: rate unknown (skipped, never priced as zero)
+    valid_from: IsoTime
+    valid_to: IsoTime | None  # null: valid until further notice
+    payment_method: str | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Rate:
+        if self.valid_to is not None and self.valid_to <= self.valid_from:
+            raise fault("malformed", "valid_to is not after valid_from")
+        return self
+
+
+class RateIncVat(Rate):
+    value: Pence | None = Field(alias="value_inc_vat")
+
+
+class RateExcVat(Rate):
+    value: Pence | None = Field(alias="value_exc_vat")
+
+
+RateT = TypeVar("RateT", bound=Rate)
+
+
+class Page(ApiModel, Generic[RateT]):
+    """One page of unit rates, newest first; `next` is the absolute URL of the next page."""
+
+    results: list[RateT]
+    next: Annotated[str, StringConstraints(min_length=1)] | None = None
 
 
 class OctopusSource:
@@ -94,6 +113,7 @@ class OctopusSource:
         self.path = (f"/v1/products/{cfg.product_code}/electricity-tariffs/{cfg.tariff_code}"
                      "/standard-unit-rates/")
         self.field = "value_inc_vat" if cfg.include_vat else "value_exc_vat"
+        self.page_model: type[Page[Any]] = Page[RateIncVat] if cfg.include_vat else Page[RateExcVat]
 
     def secrets(self) -> tuple[str, ...]:
         return (self._key,) if self._key else ()
@@ -114,23 +134,17 @@ class OctopusSource:
         url: str = self.path
         params: dict[str, str] | None = {"period_from": _iso(period_from), "period_to": _iso(period_to)}
         seen: set[str] = set()
-        rows: list[Any] = []
+        rates: list[Rate] = []
         notes: dict[str, str] = {}
         pages = 0
         while True:
-            resp = self.client.request("GET", url, params=params, auth=auth)
-            body = decode_json(resp.content, where)
+            body = self.client.get_json(url, params=params, auth=auth)
             pages += 1
-            results = require(body, "results", NAME, f"GET {self.path}")
-            if not isinstance(results, list):
-                raise SourceError("malformed", f"{where}: field 'results' is not a list")
-            rows.extend(results)
-            next_url = body.get("next")
-            if next_url is None:
+            page = parse(self.page_model, body, where if pages == 1 else f"{where} (page {pages})")
+            rates.extend(page.results)
+            if page.next is None:
                 break
-            if not isinstance(next_url, str) or not next_url:
-                raise SourceError("malformed", f"{where}: field 'next' is not a URL")
-            url = self.follow_url(next_url)
+            url = self.follow_url(page.next)
             params = None  # the next link carries the query
             if url in seen:
                 raise SourceError("malformed", f"{where}: field 'next' links back to a page already read")
@@ -139,47 +153,33 @@ class OctopusSource:
                 notes["truncated"] = f"stopped after {pages} pages (max_pages)"
                 break
 
-        intervals = self.parse(rows, period_to)
+        intervals = self.intervals(rates, period_to)
         return FetchResult(intervals=intervals, currency=CURRENCY, notes=notes,
                            next_poll_seconds=self.next_poll(now, intervals))
 
-    def parse(self, rows: list[Any], open_end: float) -> tuple[Interval, ...]:
-        where = f"GET {self.path}"
+    def intervals(self, rates: list[Rate], open_end: float) -> tuple[Interval, ...]:
+        """The rates that apply (payment method, known value) as intervals in GBP per kWh; a rate without
+        valid_to runs to `open_end`, the end of the requested window."""
+        where = f"{NAME}: GET {self.path}"
         by_start: dict[float, Interval] = {}
-        for i, row in enumerate(rows):
-            rw = f"{where}: results[{i}]"
-            if not isinstance(row, dict):
-                raise SourceError("malformed", f"{NAME}: {rw}: expected an object, got {type(row).__name__}")
-            method = row.get("payment_method")
-            if self.cfg.payment_method and method not in (None, self.cfg.payment_method):
+        for rate in rates:
+            if self.cfg.payment_method and rate.payment_method not in (None, self.cfg.payment_method):
                 continue
-            value = require(row, self.field, NAME, rw)
-            start = _time(require(row, "valid_from", NAME, rw), rw, "valid_from")
-            valid_to = require(row, "valid_to", NAME, rw)
-            end = open_end if valid_to is None else _time(valid_to, rw, "valid_to")
-            if value is None:
-                continue  # unknown rate: skipped, never priced as zero
-            if not isinstance(value, Decimal) or not value.is_finite():
-                raise SourceError("malformed", f"{NAME}: {rw}: field '{self.field}' is not a number")
-            if abs(value) / 100 > MAX_ABS_PRICE_PER_KWH:
-                raise SourceError("invalid_value", f"{NAME}: {rw}: field '{self.field}' {value} p/kWh is not "
-                                  "a plausible price")
-            if end <= start:
-                if valid_to is None:
-                    continue  # open-ended rate starting after the requested window
-                raise SourceError("malformed", f"{NAME}: {rw}: valid_to is not after valid_from")
-            iv = Interval(start, end, float(value / 100))
-            prev = by_start.get(start)
+            end = open_end if rate.valid_to is None else rate.valid_to
+            if rate.value is None or end <= rate.valid_from:
+                continue  # unknown rate, or an open-ended one starting after the requested window
+            iv = Interval(rate.valid_from, end, float(rate.value / 100))
+            prev = by_start.get(iv.start)
             if prev is not None and prev != iv:
-                raise SourceError("malformed", f"{NAME}: {rw}: two rates for {_iso(start)}"
+                raise SourceError("malformed", f"{where}: two rates for {_iso(iv.start)}"
                                   + ("" if self.cfg.payment_method else "; set payment_method"))
-            by_start[start] = iv
+            by_start[iv.start] = iv
         intervals = tuple(sorted(by_start.values()))
         for a, b in zip(intervals, intervals[1:], strict=False):
             if b.start < a.end:
-                raise SourceError("malformed", f"{NAME}: {where}: rates overlap at {_iso(b.start)}")
+                raise SourceError("malformed", f"{where}: rates overlap at {_iso(b.start)}")
         if not intervals:
-            raise SourceError("no_data", f"{NAME}: {where}: no rates with field '{self.field}' in the window")
+            raise SourceError("no_data", f"{where}: no rates with field '{self.field}' in the window")
         return intervals
 
     @staticmethod

@@ -1,14 +1,16 @@
 """The one place where grid source types are registered: type name -> (config model, factory).
 
 Adding a provider is one new module with a `Config` model (with a `type` literal) and a
-`build(cfg, zone)` factory, plus one line here.
+`build(cfg, zone)` factory, plus one line here. `build_grid` turns the `grid:` section of the
+config into signal chains (not yet started): each source with the transform its own config asks for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..model import PriceAdjustments
 from . import (
     awattar,
     bundled,
@@ -20,7 +22,11 @@ from . import (
     ukcarbonintensity,
     watttime,
 )
-from .base import GridSource
+from .base import GridSource, Signal
+from .signal import GridSignals, SignalChain
+
+if TYPE_CHECKING:
+    from ..config import CarbonSignalConfig, Config, PriceSignalConfig
 
 Factory = Callable[[Any, str], GridSource]
 
@@ -45,3 +51,38 @@ def build_source(signal: str, cfg: Any, zone: str) -> GridSource:
     table = CARBON_SOURCES if signal == "carbon" else PRICE_SOURCES
     _model, factory = table[cfg.type]
     return factory(cfg, zone)
+
+
+def _unchanged(value: float) -> float:
+    return value
+
+
+def value_transform(cfg: Any) -> Callable[[float], float]:
+    """What a source's own config does to its values before export. Price sources carry retail
+    adjustments: exported price = (price + adder_per_kwh) * multiplier. Carbon values pass unchanged."""
+    if isinstance(cfg, PriceAdjustments):
+        adder, multiplier = cfg.adder_per_kwh, cfg.multiplier
+        return lambda value: (value + adder) * multiplier
+    return _unchanged
+
+
+def build_grid(cfg: Config) -> GridSignals:
+    """The configured chains; a source that rejects its settings is a config error naming its key."""
+    from ..config import ConfigError  # imported here: config imports this module for the source tables
+
+    wanted: tuple[tuple[Signal, CarbonSignalConfig | PriceSignalConfig | None], ...] = (
+        ("carbon", cfg.grid.carbon), ("price", cfg.grid.price))
+    chains: dict[Signal, SignalChain] = {}
+    for signal, sig in wanted:
+        if sig is None:
+            continue
+        sources: list[GridSource] = []
+        src_cfg: Any  # one of the models in the tables above; config.py builds their union at run time
+        for i, src_cfg in enumerate(sig.sources):
+            try:
+                sources.append(build_source(signal, src_cfg, sig.zone))
+            except (ValueError, KeyError) as exc:
+                raise ConfigError(f"grid.{signal}.sources[{i}] ({src_cfg.type}): {exc}") from None
+        transforms = [value_transform(src_cfg) for src_cfg in sig.sources]
+        chains[signal] = SignalChain(signal, sig.zone, sig.max_age_seconds, sources, transforms)
+    return GridSignals(pue=cfg.grid.pue, carbon=chains.get("carbon"), price=chains.get("price"))

@@ -1,10 +1,11 @@
 """Fallback chains, polling and lookup by time for the two grid signals.
 
 One `SignalChain` per signal (carbon, price) owns its sources, polls each on its own schedule
-from one background thread (one fetch per source shared by all GPUs), keeps the last good
-intervals of each, and answers "which value was in force at time t" from an immutable
-`ChainState` that is swapped atomically, so lookups from the sampler take no lock and never
-touch the network.
+from its own poller thread (so a slow provider never delays its fallback; one fetch per source
+shared by all GPUs), keeps the last good intervals of each, and answers "which value was in force
+at time t" from an immutable `ChainState` that is swapped atomically, so lookups from the sampler
+take no lock and never touch the network. `GridSignals.now` turns the chains' states into the
+snapshot's view: each signal as it stands, and each source's health.
 """
 
 from __future__ import annotations
@@ -214,7 +215,9 @@ class SignalChain:
         self._failures[i] += 1
         base = min(MAX_BACKOFF_SECONDS, MIN_BACKOFF_SECONDS * 2 ** (self._failures[i] - 1),
                    self.poll_interval(source))
-        delay = base * (0.5 + 0.5 * self._rng.random())  # full jitter keeps a fleet from polling in step
+        # Equal jitter: half the backoff is kept, the other half drawn at random. The kept half still backs
+        # off; the random half keeps a fleet from polling in step.
+        delay = base / 2 + self._rng.uniform(0.0, base / 2)
         if retry_after is not None:
             delay = max(delay, retry_after)
         self._next_poll[i] = now + delay
@@ -254,6 +257,42 @@ class SignalChain:
         self._stop.set()
 
 
+@dataclass(frozen=True)
+class SignalNow:
+    """A grid signal as it stands at one moment."""
+
+    signal: str
+    zone: str
+    value: float | None  # None = unknown: the gauge is then absent, never 0
+    currency: str | None
+    source: str | None
+    estimated: bool
+    age_seconds: float | None
+    source_index: int | None = None  # position of `source` in the chain; > 0 means a fallback serves
+
+
+@dataclass(frozen=True)
+class SourceSnapshot:
+    """One source's health in one chain. The key is (signal, source): the same provider type in the
+    carbon and the price chain (two `static` sources, say) are two sources, never merged."""
+
+    signal: str
+    source: str
+    up: bool | None  # None = not tried yet
+    errors: tuple[tuple[str, int], ...]  # (reason, count), sorted by reason
+    last_success: float | None
+
+
+def _merge(a: SourceSnapshot, b: SourceSnapshot) -> SourceSnapshot:
+    """Two sources of the same type in one chain share one health series: the worse of the two."""
+    errors = dict(a.errors)
+    for reason, n in b.errors:
+        errors[reason] = errors.get(reason, 0) + n
+    up = None if a.up is None and b.up is None else (a.up is not False and b.up is not False)
+    last = max((x for x in (a.last_success, b.last_success) if x is not None), default=None)
+    return SourceSnapshot(a.signal, a.source, up, tuple(sorted(errors.items())), last)
+
+
 @dataclass
 class GridSignals:
     """The configured chains (either may be absent) plus the PUE."""
@@ -265,6 +304,27 @@ class GridSignals:
 
     def __post_init__(self) -> None:
         self.chains = [c for c in (self.carbon, self.price) if c is not None]
+
+    def now(self, t: float) -> tuple[tuple[SignalNow, ...], tuple[SourceSnapshot, ...]]:
+        """The signals in force at `t` and each source's health, read from the chains' immutable states
+        (no lock, no network), ordered by signal and source."""
+        signals: list[SignalNow] = []
+        sources: dict[tuple[str, str], SourceSnapshot] = {}
+        for chain in self.chains:
+            state = chain.state
+            v = state.value_at(t, t)
+            signals.append(SignalNow(
+                signal=state.signal, zone=state.zone,
+                value=v.value if v else None, currency=v.currency if v else None,
+                source=v.source if v else None, estimated=bool(v and (v.interval.estimated or v.interval.forecast)),
+                age_seconds=(t - v.fetched_at) if v else None,
+                source_index=v.source_index if v else None,
+            ))
+            for st in state.statuses:
+                snap = SourceSnapshot(state.signal, st.name, st.up, tuple(sorted(st.errors.items())), st.last_success)
+                key = (state.signal, st.name)
+                sources[key] = _merge(sources[key], snap) if key in sources else snap
+        return tuple(signals), tuple(sources[k] for k in sorted(sources))
 
     def start(self) -> None:
         for c in self.chains:

@@ -16,13 +16,14 @@ Timestamps use the API's minute format "2018-01-20T12:00Z". GB only: Northern Ir
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, BeforeValidator, Field, Strict, ValidationInfo, model_validator
 
 from ..model import SourceConfigBase
 from .base import FetchResult, Interval, Signal, SourceError
-from .http import HttpClient, intensity_value, parse_iso8601, require
+from .http import HttpClient
+from .response import ApiModel, Intensity, IsoTime, asked, fault, parse, show
 
 NAME = "ukcarbonintensity"
 DEFAULT_BASE_URL = "https://api.carbonintensity.org.uk"
@@ -46,6 +47,84 @@ def api_timestamp(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
 
 
+class Forecast(ApiModel):
+    """A regional slot's intensity: a forecast only."""
+
+    forecast: Intensity | None  # null: no value for that slot
+
+    def best(self) -> tuple[float, bool] | None:
+        """(value, is a forecast), or None when the slot has no value."""
+        return None if self.forecast is None else (self.forecast, True)
+
+
+class Measured(Forecast):
+    """A national slot's intensity: the measured value once there is one."""
+
+    actual: Intensity | None = None  # null until the slot has been measured
+
+    def best(self) -> tuple[float, bool] | None:
+        return (self.actual, False) if self.actual is not None else super().best()
+
+
+class Slot(ApiModel):
+    """One half-hour [from, to) with its intensity."""
+
+    start: IsoTime = Field(alias="from")
+    to: IsoTime
+    intensity: Forecast
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Slot:
+        if self.to <= self.start:
+            raise fault("invalid_value", "'to' is not after 'from'")
+        return self
+
+    def interval(self) -> Interval | None:
+        best = self.intensity.best()
+        if best is None:
+            return None
+        value, forecast = best
+        return Interval(self.start, self.to, value, estimated=False, forecast=forecast)
+
+
+class NationalSlot(Slot):
+    intensity: Measured
+
+
+class National(ApiModel):
+    """GET /intensity/{from}/fw24h: Great Britain, measured and forecast."""
+
+    data: list[NationalSlot]
+
+
+def _same_region(value: int, info: ValidationInfo) -> int:
+    if value != asked(info, "region_id"):
+        raise fault("wrong_zone", f"is {value}, expected {asked(info, 'region_id')}")
+    return value
+
+
+class Region(ApiModel):
+    """One region's forecast."""
+
+    regionid: Annotated[int, Strict(False), AfterValidator(_same_region)]  # JSON numbers arrive as Decimal
+    data: list[Slot]  # forecasts only
+
+
+def _one_region(value: Any) -> Any:
+    """The region object; some regional endpoints wrap it in a one-element array."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, dict):
+        raise fault("malformed", f"is not a region object (got {show(value)})")
+    return value
+
+
+class Regional(ApiModel):
+    """GET /regional/intensity/{from}/fw24h/regionid/{id}."""
+
+    data: Annotated[Region, BeforeValidator(_one_region)]
+
+
 class UkCarbonIntensitySource:
     name = NAME
     signal: Signal = "carbon"
@@ -67,59 +146,17 @@ class UkCarbonIntensitySource:
             return f"/intensity/{api_timestamp(start)}/fw24h"
         return f"/regional/intensity/{api_timestamp(start)}/fw24h/regionid/{self.region_id}"
 
-    def _periods(self, body: Any, where: str) -> list[Any]:
-        data = require(body, "data", NAME, where)
-        if self.region_id is None:
-            if not isinstance(data, list):
-                raise SourceError("malformed", f"{NAME}: {where}: field 'data' is not an array "
-                                               f"(got {type(data).__name__})")
-            return data
-        if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict):
-            data = data[0]
-        if not isinstance(data, dict):
-            raise SourceError("malformed", f"{NAME}: {where}: field 'data' is not a region object "
-                                           f"(got {type(data).__name__})")
-        regionid = require(data, "regionid", NAME, f"{where}: data")
-        if regionid != self.region_id:
-            raise SourceError("wrong_zone", f"{NAME}: {where}: field 'data.regionid' is {regionid!r}, "
-                                            f"expected {self.region_id}")
-        periods = require(data, "data", NAME, f"{where}: data")
-        if not isinstance(periods, list):
-            raise SourceError("malformed", f"{NAME}: {where}: field 'data.data' is not an array")
-        return periods
-
-    def _interval(self, period: Any, where: str) -> Interval | None:
-        if not isinstance(period, dict):
-            raise SourceError("malformed", f"{NAME}: {where}: expected an object, got {type(period).__name__}")
-        start = parse_iso8601(require(period, "from", NAME, where), NAME, f"{where}: from")
-        end = parse_iso8601(require(period, "to", NAME, where), NAME, f"{where}: to")
-        if end <= start:
-            raise SourceError("invalid_value", f"{NAME}: {where}: 'to' is not after 'from'")
-        intensity = require(period, "intensity", NAME, where)
-        forecast = intensity_value(require(intensity, "forecast", NAME, f"{where}: intensity"), NAME,
-                           where, "intensity.forecast")
-        actual = None
-        if self.region_id is None:  # the regional answer has no 'actual'
-            actual = intensity_value(intensity.get("actual"), NAME, where, "intensity.actual")
-        if actual is not None:
-            return Interval(start, end, actual, estimated=False, forecast=False)
-        if forecast is not None:
-            return Interval(start, end, forecast, estimated=False, forecast=True)
-        return None
-
     def fetch(self, now: float) -> FetchResult:
         path = self.path(now)
         body = self.http.get_json(path, headers={"Accept": "application/json"})
-        where = f"GET {path}"
-        if not isinstance(body, dict):
-            raise SourceError("malformed", f"{NAME}: {where}: expected a JSON object, got {type(body).__name__}")
-        intervals = []
-        for i, period in enumerate(self._periods(body, where)):
-            interval = self._interval(period, f"{where}: data[{i}]")
-            if interval is not None:
-                intervals.append(interval)
+        where = f"{NAME}: GET {path}"
+        if self.region_id is None:
+            slots: list[NationalSlot] | list[Slot] = parse(National, body, where).data
+        else:
+            slots = parse(Regional, body, where, {"region_id": self.region_id}).data.data
+        intervals = [iv for slot in slots if (iv := slot.interval()) is not None]
         if not intervals:
-            raise SourceError("no_data", f"{NAME}: {where}: no intensity values in the answer")
+            raise SourceError("no_data", f"{where}: no intensity values in the answer")
         scope = "national" if self.region_id is None else f"region {self.region_id}"
         return FetchResult(intervals=tuple(sorted(intervals)), notes={"scope": scope})
 

@@ -6,11 +6,10 @@ an injectable monotonic clock), and a 401/403 answered to a cached token trigger
 one retry.
 
 Data: GET /v3/forecast?region=&signal_type= (its first point is the real-time value) and, optionally,
-GET /v3/historical?region=&start=&end=&signal_type= for the last hour. Both answer
-{"data": [{"point_time", "value"}, ...], "meta": {"region", "signal_type", "units",
-"data_point_period_seconds", ...}}. Values in lbs_co2_per_mwh are converted with the exact factor
-LBS_PER_MWH_TO_G_PER_KWH. Any other unit (notably the free tier's "percentile" index, 0-100) is not
-an emission rate and is refused with 'invalid_value' rather than exported.
+GET /v3/historical?region=&start=&end=&signal_type= for the last hour. Both answer `Answer` below.
+Values in lbs_co2_per_mwh are converted with the exact factor LBS_PER_MWH_TO_G_PER_KWH. Any other
+unit (notably the free tier's "percentile" index, 0-100) is not an emission rate and is refused with
+'invalid_value' rather than exported.
 """
 
 from __future__ import annotations
@@ -18,13 +17,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, StringConstraints, ValidationInfo
 
 from ..model import SourceConfigBase
 from .base import LBS_PER_MWH_TO_G_PER_KWH, FetchResult, Interval, Signal, SourceError
-from .http import HttpClient, parse_iso8601, read_secret, require
+from .http import HttpClient, read_secret
+from .response import MAX_GRAMS_PER_KWH, ApiModel, IsoTime, SameZone, asked, fault, parse, show
 
 NAME = "watttime"
 DEFAULT_BASE_URL = "https://api.watttime.org"
@@ -36,9 +36,8 @@ TOKEN_RENEW_AFTER_SECONDS = 25 * 60.0
 DEFAULT_POLL_SECONDS = 300.0  # data points are 5-minute
 HISTORICAL_WINDOW_SECONDS = 3600.0
 DEFAULT_PERIOD_SECONDS = 300.0
-MAX_GRAMS_PER_KWH = 5000.0
-# Units WattTime uses for emission rates -> factor to gCO2/kWh. Only units verified in the v3 docs.
-UNIT_TO_G_PER_KWH = {"lbs_co2_per_mwh": LBS_PER_MWH_TO_G_PER_KWH}
+# The one unit of emission rates verified in the v3 docs; its conversion to g/kWh is exact.
+UNITS = "lbs_co2_per_mwh"
 # Historical data are optional: a plan without them must not lose the forecast's real-time value.
 OPTIONAL_FAILURES = ("http_4xx", "auth", "rate_limited", "http_5xx", "timeout", "connection")
 
@@ -54,6 +53,56 @@ class Config(SourceConfigBase):
     signal_type: Literal["co2_moer", "co2_aoer"] = Field(
         default="co2_moer", description="co2_moer: marginal emissions rate; co2_aoer: average emissions rate.")
     use_historical: bool = Field(default=True, description="Also fetch the last hour of historical data.")
+
+
+def _signal_type(value: str, info: ValidationInfo) -> str:
+    want = asked(info, "signal_type")
+    if value != want:
+        raise fault("invalid_value", f"is {show(value)}, expected {show(want)}")
+    return value
+
+
+def _units(value: str) -> str:
+    if value != UNITS:
+        raise fault("invalid_value", f"is {show(value)}, not an emission rate (expected {UNITS}); not exported")
+    return value
+
+
+def _lbs_per_mwh(value: float) -> float:
+    grams = value * LBS_PER_MWH_TO_G_PER_KWH
+    if not 0 <= grams <= MAX_GRAMS_PER_KWH:
+        raise fault("invalid_value", f"= {show(value)} {UNITS} ({grams:.1f} gCO2/kWh) "
+                                     f"is outside 0..{MAX_GRAMS_PER_KWH:g} g/kWh")
+    return value
+
+
+class Login(ApiModel):
+    """GET /login: a bearer token valid for 30 minutes."""
+
+    token: Annotated[str, StringConstraints(min_length=1)]
+
+
+class Meta(ApiModel):
+    """What the data are: for which region, which signal, in which unit, at what spacing."""
+
+    region: SameZone
+    signal_type: Annotated[str, AfterValidator(_signal_type)] | None = None
+    units: Annotated[str, AfterValidator(_units)]
+    data_point_period_seconds: float = Field(default=DEFAULT_PERIOD_SECONDS, gt=0)
+
+
+class Point(ApiModel):
+    point_time: IsoTime  # start of the period
+    # In UNITS (Meta refuses any other unit); null: no value (skipped, never 0).
+    value: Annotated[float, AfterValidator(_lbs_per_mwh)] | None
+
+
+class Answer(ApiModel):
+    """What /v3/forecast and /v3/historical answer. `meta` comes first: a wrong region or unit says more
+    than any value measured in it."""
+
+    meta: Meta
+    data: list[Point]
 
 
 class LoginError(SourceError):
@@ -101,11 +150,8 @@ class WattTimeSource:
         try:
             self._password = self._read_password()  # re-read each login: picks up a rotated password
             self.http.secrets = self.secrets()
-            resp = self.http.request("GET", LOGIN_PATH, auth=(self.cfg.username, self._password))
-            body = self.http.decode_json(resp, LOGIN_PATH)
-            token = require(body, "token", NAME, f"GET {LOGIN_PATH}")
-            if not isinstance(token, str) or not token:
-                raise SourceError("malformed", f"{NAME}: GET {LOGIN_PATH}: field 'token' is not a non-empty string")
+            body = self.http.get_json(LOGIN_PATH, auth=(self.cfg.username, self._password))
+            token = parse(Login, body, f"{NAME}: GET {LOGIN_PATH}").token
         except SourceError as exc:
             raise LoginError(exc.reason, str(exc), retry_after=exc.retry_after) from None
         self._token, self._token_at = token, self.clock()
@@ -133,49 +179,13 @@ class WattTimeSource:
 
     # --- data -------------------------------------------------------------------------------
     def _parse(self, path: str, body: Any, now: float, forecast_endpoint: bool) -> list[Interval]:
-        where = f"GET {path}"
-        if not isinstance(body, dict):
-            raise SourceError("malformed", f"{NAME}: {where}: expected a JSON object, got {type(body).__name__}")
-        meta = require(body, "meta", NAME, where)
-        region = require(meta, "region", NAME, f"{where}: meta")
-        if not isinstance(region, str) or region.upper() != self.region.upper():
-            raise SourceError("wrong_zone", f"{NAME}: {where}: field 'meta.region' is {region!r}, "
-                                            f"expected {self.region!r}")
-        signal_type = meta.get("signal_type")
-        if signal_type is not None and signal_type != self.cfg.signal_type:
-            raise SourceError("invalid_value", f"{NAME}: {where}: field 'meta.signal_type' is {signal_type!r}, "
-                                               f"expected {self.cfg.signal_type!r}")
-        units = require(meta, "units", NAME, f"{where}: meta")
-        factor = UNIT_TO_G_PER_KWH.get(units) if isinstance(units, str) else None
-        if factor is None:
-            raise SourceError("invalid_value", f"{NAME}: {where}: field 'meta.units' is {units!r}, not an emission "
-                                               f"rate (expected {', '.join(UNIT_TO_G_PER_KWH)}); not exported")
-        period = meta.get("data_point_period_seconds", DEFAULT_PERIOD_SECONDS)
-        if isinstance(period, bool) or not isinstance(period, (int, float)) or period <= 0:
-            raise SourceError("malformed", f"{NAME}: {where}: field 'meta.data_point_period_seconds' "
-                                           f"is not a positive number: {period!r}")
-        points = require(body, "data", NAME, where)
-        if not isinstance(points, list):
-            raise SourceError("malformed", f"{NAME}: {where}: field 'data' is not an array")
-        out = []
-        for i, point in enumerate(points):
-            pwhere = f"{where}: data[{i}]"
-            if not isinstance(point, dict):
-                raise SourceError("malformed", f"{NAME}: {pwhere}: expected an object, got {type(point).__name__}")
-            start = parse_iso8601(require(point, "point_time", NAME, pwhere), NAME, f"{pwhere}: point_time")
-            value = require(point, "value", NAME, pwhere)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise SourceError("malformed", f"{NAME}: {pwhere}: field 'value' is not a number: {value!r}")
-            grams = value * factor
-            if not 0 <= grams <= MAX_GRAMS_PER_KWH:
-                raise SourceError("invalid_value", f"{NAME}: {pwhere}: field 'value' = {value!r} {units} "
-                                                   f"({grams:.1f} gCO2/kWh) is outside 0..{MAX_GRAMS_PER_KWH:g} g/kWh")
-            # The forecast's first point is WattTime's real-time value; only later points are forecasts.
-            out.append(Interval(start, start + float(period), grams, estimated=False,
-                                forecast=forecast_endpoint and start > now))
-        return out
+        answer = parse(Answer, body, f"{NAME}: GET {path}",
+                       {"zone": self.region, "signal_type": self.cfg.signal_type})
+        period = answer.meta.data_point_period_seconds
+        # The forecast's first point is WattTime's real-time value; only later points are forecasts.
+        return [Interval(p.point_time, p.point_time + period, p.value * LBS_PER_MWH_TO_G_PER_KWH, estimated=False,
+                         forecast=forecast_endpoint and p.point_time > now)
+                for p in answer.data if p.value is not None]
 
     def fetch(self, now: float) -> FetchResult:
         base = {"region": self.region, "signal_type": self.cfg.signal_type}

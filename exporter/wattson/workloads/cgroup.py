@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from ..logfmt import kv
+
 log = logging.getLogger("wattson.workloads")
 
 KIND_PROCESS = "process"
@@ -192,7 +194,7 @@ class UserNames:
                         names.setdefault(int(fields[2]), fields[0])
         except OSError as exc:
             log.warning("cannot read passwd file; exporting numeric uids",
-                        extra={"kv": {"file": self.passwd_file, "err": exc.strerror}})
+                        extra=kv(file=self.passwd_file, err=exc.strerror))
             self._file_mtime = None
             self._file_names = {}
             return

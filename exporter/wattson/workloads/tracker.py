@@ -1,4 +1,4 @@
-"""Per-workload energy, cost and CO2e: a sampler listener plus a metric-family producer.
+"""Per-workload energy, cost and CO2e, charged step by step and published as immutable snapshots.
 
 Every accounted step of every GPU is split between the workloads whose processes ran on it
 (attribution.py) and added to monotonic per-(GPU, workload) totals. Nothing is dropped: a GPU with
@@ -6,8 +6,8 @@ no compute process charges `kind="idle"`, one whose processes cannot be listed o
 charges `kind="unattributed"`, and workloads beyond the series cap charge `kind="overflow"`. So the
 workload series of a GPU always add up to the GPU's own energy, cost and CO2e.
 
-Threads: `on_step` runs in the GPU worker threads (concurrently); `families` runs in the sampler
-thread and returns freshly built, never again mutated metric families for the immutable snapshot.
+Threads: `on_step` runs in the sampler's GPU reader thread; `snapshot` runs in the sampler thread
+after each round and returns a `WorkloadSnapshot` that exposition.py renders at scrape time.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from threading import Lock
-from typing import Any
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from typing import TYPE_CHECKING, Any
 
 from ..accounting import StepCharge
 from ..config import WorkloadsConfig
 from ..energy import EnergyStep
 from ..gpu.base import GpuReading
+from ..logfmt import kv
 from .attribution import (
     METHOD_IDLE,
     METHOD_UNATTRIBUTED,
@@ -43,6 +42,11 @@ from .cgroup import (
     Workload,
     WorkloadResolver,
 )
+from .simulated_proc import SimulatedProcFS, simulated_procfs
+from .snapshot import GpuAttribution, WorkloadInfo, WorkloadSeries, WorkloadSnapshot
+
+if TYPE_CHECKING:
+    from ..sampler import Sampler
 
 log = logging.getLogger("wattson.workloads")
 
@@ -100,11 +104,20 @@ class WorkloadTracker:
         self._overflowed: dict[tuple[int, str], int] = {}
         self._last_render: float | None = None
         self._last_prune = 0.0
+        # The immutable view: series charged since the last snapshot are `_dirty` and rebuilt then.
+        self._dirty: set[SeriesKey] = set()
+        self._changed = True  # anything else (a new GPU, method, overflow, expiry) since the last snapshot
+        self._keys_changed = True
+        self._frozen: dict[SeriesKey, WorkloadSeries] = {}
+        self._order: list[SeriesKey] = []
+        self._info_snapshot: tuple[WorkloadInfo, ...] = ()
+        self._snapshot: WorkloadSnapshot | None = None
 
     def add_gpu(self, index: int, uuid: str) -> None:
         """Make a GPU's overflow counter visible (at 0) before its first step."""
         with self._lock:
             self._overflowed.setdefault((index, uuid), 0)
+            self._changed = True
 
     # -- GPU worker threads ------------------------------------------------------------------------
 
@@ -157,6 +170,7 @@ class WorkloadTracker:
 
     def _record(self, gpu_index: int, uuid: str, method: str, shares: list[StepShare], now: float) -> None:
         with self._lock:
+            self._changed = True
             self._methods[(gpu_index, uuid)] = method
             self._overflowed.setdefault((gpu_index, uuid), 0)
             for share in shares:
@@ -174,56 +188,46 @@ class WorkloadTracker:
                         self._workload_series += 1
                     if totals is None:
                         totals = self._series[key] = _Totals()
-                if workload.kind not in SPECIAL_KINDS:
+                        self._keys_changed = True
+                if workload.kind not in SPECIAL_KINDS and self._info.get(workload.key) != workload:
                     self._info[workload.key] = workload
+                    self._keys_changed = True
                 _add(totals, share)
                 totals.last_seen = now
+                self._dirty.add(key)
 
     # -- sampler thread ----------------------------------------------------------------------------
 
-    def families(self, now: float) -> tuple[Metric, ...]:
-        """Metric families for one snapshot: built here, never touched again."""
+    def snapshot(self, now: float) -> WorkloadSnapshot:
+        """The totals after a round, immutable. Only series charged since the last call are rebuilt, and
+        an unchanged tracker returns the previous snapshot itself, so a round costs little at the cap."""
         self._expire(now)
         if now - self._last_prune > 60.0:
             self._last_prune = now
             self.resolver.prune()
-        energy = CounterMetricFamily("wattson_workload_energy_joules", "GPU energy (no PUE) attributed to the "
-                                     "workload on this GPU, in joules.", labels=LABELS)
-        cost = CounterMetricFamily("wattson_workload_cost", "Money paid for the workload's energy (x PUE) on "
-                                   "this GPU at positive prices. Net = cost - cost_credit.",
-                                   labels=LABELS + ["currency"])
-        credit = CounterMetricFamily("wattson_workload_cost_credit", "Money earned for the workload's energy "
-                                     "(x PUE) on this GPU at negative prices, as a positive amount.",
-                                     labels=LABELS + ["currency"])
-        co2e = CounterMetricFamily("wattson_workload_co2e_grams", "CO2-equivalent attributed to the workload's "
-                                   "energy (x PUE) on this GPU, in grams.", labels=LABELS)
-        info = GaugeMetricFamily("wattson_workload_info", "Workload description; always 1. user is the owner, "
-                                 "pod and namespace are set where the container runtime names them.",
-                                 labels=["kind", "workload", "user", "pod", "namespace"])
-        methods = GaugeMetricFamily("wattson_workload_attribution_info", "How the GPU's last step was split: "
-                                    "sm_utilization, memory, equal, mig_memory (GPU-instance memory share), "
-                                    "idle or unattributed; always 1.", labels=GPU_LABELS + ["method"])
-        overflow = CounterMetricFamily("wattson_workload_overflow_attributions", "Shares of GPU steps charged to "
-                                       "kind=\"overflow\" because max_series workload series existed.",
-                                       labels=GPU_LABELS)
-        series = GaugeMetricFamily("wattson_workload_series", "Workload series exported now (idle, "
-                                   "unattributed and overflow excluded), limited by workloads.max_series.")
         with self._lock:
-            for (gpu, uuid, kind, wid), t in sorted(self._series.items()):
-                lv = [kind, wid, str(gpu), uuid]
-                energy.add_metric(lv, t.energy_joules.value)
-                for currency in sorted(t.cost):
-                    cost.add_metric(lv + [currency], t.cost[currency].value)
-                    credit.add_metric(lv + [currency], t.credit[currency].value)
-                co2e.add_metric(lv, t.co2e_grams.value)
-            for (kind, wid), w in sorted(self._info.items()):
-                info.add_metric([kind, wid, w.user, w.pod, w.namespace], 1)
-            for (gpu, uuid), method in sorted(self._methods.items()):
-                methods.add_metric([str(gpu), uuid, method], 1)
-            for (gpu, uuid), n in sorted(self._overflowed.items()):
-                overflow.add_metric([str(gpu), uuid], n)
-            series.add_metric([], self._workload_series)
-        return (energy, cost, credit, co2e, info, methods, overflow, series)
+            if not self._changed and self._snapshot is not None:
+                return self._snapshot
+            for key in self._dirty:
+                t = self._series.get(key)
+                if t is None:
+                    self._frozen.pop(key, None)
+                    continue
+                self._frozen[key] = WorkloadSeries(
+                    key[0], key[1], key[2], key[3], t.energy_joules.value,
+                    tuple((c, t.cost[c].value) for c in sorted(t.cost)),
+                    tuple((c, t.credit[c].value) for c in sorted(t.credit)), t.co2e_grams.value)
+            if self._keys_changed:
+                self._order = sorted(self._frozen)
+                self._info_snapshot = tuple(WorkloadInfo(k, wid, w.user, w.pod, w.namespace)
+                                            for (k, wid), w in sorted(self._info.items()))
+            self._dirty.clear()
+            self._changed = self._keys_changed = False
+            gpus = tuple(GpuAttribution(gpu, uuid, self._methods.get((gpu, uuid)), n)
+                         for (gpu, uuid), n in sorted(self._overflowed.items()))
+            self._snapshot = WorkloadSnapshot(tuple(self._frozen[k] for k in self._order), self._info_snapshot,
+                                              gpus, self._workload_series)
+            return self._snapshot
 
     def _expire(self, now: float) -> None:
         """Drop workload series last charged more than retention_seconds ago (and not since the last
@@ -236,6 +240,9 @@ class WorkloadTracker:
             for key in expired:
                 del self._series[key]
                 self._workload_series -= 1
+                self._dirty.add(key)
+            if expired:
+                self._changed = self._keys_changed = True
             if expired:
                 live = {(k[2], k[3]) for k in self._series}
                 for wkey in [k for k in self._info if k not in live]:
@@ -267,12 +274,12 @@ def _add(totals: _Totals, share: StepShare) -> None:
 def build_resolver(cfg: WorkloadsConfig, backend: object | None = None) -> WorkloadResolver:
     """The resolver for the configured /proc root; a simulated backend with jobs brings its own
     in-memory /proc (same file formats) with the users and pods its jobs describe."""
-    procfs: Any = getattr(backend, "procfs", None)
+    procfs = simulated_procfs(backend)
     proc: ProcReader
     if procfs is not None:
         proc = procfs
-        users = UserNames(resolve=False, known=getattr(procfs, "users", {}))
-        pods = PodMetadata((), known=getattr(procfs, "pods", {}))
+        users = UserNames(resolve=False, known=procfs.users)
+        pods = PodMetadata((), known=procfs.pods)
     else:
         proc = ProcFS(cfg.proc_root)
         users = UserNames(resolve=cfg.resolve_user_names, passwd_file=cfg.passwd_file)
@@ -280,23 +287,17 @@ def build_resolver(cfg: WorkloadsConfig, backend: object | None = None) -> Workl
     return WorkloadResolver(proc, users, pods, cfg.bare_processes)
 
 
-def attach(sampler: Any, backend: object, cfg: WorkloadsConfig) -> WorkloadTracker:
-    """Wire per-workload accounting into a sampler: a listener for steps and a family producer.
-
-    A backend with a `collect_processes` attribute (the NVML backend) is asked to list processes.
-    """
-    if hasattr(backend, "collect_processes"):
-        backend.collect_processes = True  # type: ignore[attr-defined]
-    tracker = WorkloadTracker(build_resolver(cfg, backend), cfg.retention_seconds, cfg.max_series,
-                              clock=sampler.clock)
-    for worker in getattr(sampler, "workers", []):
-        tracker.add_gpu(worker.identity.index, worker.identity.uuid)
-    sampler.listeners.append(tracker.on_step)
-    sampler.extra_families.append(tracker.families)
+def attach(sampler: Sampler, backend: object, cfg: WorkloadsConfig) -> WorkloadTracker:
+    """Wire per-workload accounting into a sampler. The backend must have been built to list each GPU's
+    processes (cli.build_backend does so when workloads are enabled)."""
+    resolver = build_resolver(cfg, backend)
+    tracker = WorkloadTracker(resolver, cfg.retention_seconds, cfg.max_series, clock=sampler.clock)
+    for gpu in sampler.gpus:
+        tracker.add_gpu(gpu.identity.index, gpu.identity.uuid)
+    sampler.workloads = tracker
     log.info("per-workload accounting enabled",
-             extra={"kv": {"proc_root": "(simulated)" if getattr(backend, "procfs", None) is not None
-                           else cfg.proc_root, "retention_seconds": cfg.retention_seconds,
-                           "max_series": cfg.max_series}})
+             extra=kv(proc_root="(simulated)" if isinstance(resolver.proc, SimulatedProcFS) else cfg.proc_root,
+                      retention_seconds=cfg.retention_seconds, max_series=cfg.max_series))
     return tracker
 
 

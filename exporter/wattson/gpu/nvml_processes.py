@@ -6,6 +6,8 @@ the explicit _v3 and _v2 entry points. Per-process SM utilization comes from
 nvmlDeviceGetProcessUtilization, which returns the samples taken since a timestamp; where it has no
 samples (NotFound) or is not available (NotSupported, MIG, vGPU), sm_utilization is None and the
 attribution falls back to memory used.
+
+SERIOUS_ERRORS lives here, not in nvml.py, because nvml.py imports this module: both readers share it.
 """
 
 from __future__ import annotations
@@ -14,26 +16,37 @@ import logging
 from types import ModuleType
 from typing import Any
 
-from ..gpu.base import GpuProcess
+import pynvml
 
-log = logging.getLogger("wattson.workloads")
+from ..logfmt import kv
+from .base import GpuProcess
+
+log = logging.getLogger("wattson.gpu.nvml")
+
+# The GPU or the driver is gone or unusable: no answer from this GPU can be trusted, so every reader
+# fails the whole read with it (the GPU is marked down, or NVML re-initialised) instead of treating it
+# as one missing value or an empty process list.
+SERIOUS_ERRORS = frozenset({
+    pynvml.NVML_ERROR_GPU_IS_LOST,
+    pynvml.NVML_ERROR_RESET_REQUIRED,
+    pynvml.NVML_ERROR_DRIVER_NOT_LOADED,
+    pynvml.NVML_ERROR_UNINITIALIZED,
+    pynvml.NVML_ERROR_LIBRARY_NOT_FOUND,
+    pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH,
+})
 
 _RUNNING_PROCESS_FUNCTIONS = (
     "nvmlDeviceGetComputeRunningProcesses",
     "nvmlDeviceGetComputeRunningProcesses_v3",
     "nvmlDeviceGetComputeRunningProcesses_v2",
 )
-# Errors that mean the GPU itself is unusable: the backend's read() must see them (and mark the GPU
-# down or re-initialise), not a silently empty process list.
-_FATAL_ERROR_NAMES = ("NVML_ERROR_GPU_IS_LOST", "NVML_ERROR_UNINITIALIZED", "NVML_ERROR_DRIVER_NOT_LOADED",
-                      "NVML_ERROR_LIB_RM_VERSION_MISMATCH")
 _NOT_AVAILABLE_UINT = 0xFFFFFFFF  # NVML_VALUE_NOT_AVAILABLE for unsigned ints: not a MIG instance
 _NOT_AVAILABLE_ULONGLONG = 0xFFFFFFFFFFFFFFFF
 
 
 def read_processes(nvml: ModuleType, handle: Any, last_seen_timestamp_us: int
                    ) -> tuple[tuple[GpuProcess, ...] | None, int]:
-    """(processes, new timestamp) for one GPU.
+    """(processes, new timestamp) for one GPU; `nvml` is the pynvml module its functions are looked up in.
 
     processes is None when NVML cannot list processes on this GPU (not supported, no permission);
     the step is then reported as unattributed. Pass 0 as the first timestamp and the returned one
@@ -74,13 +87,7 @@ def read_processes(nvml: ModuleType, handle: Any, last_seen_timestamp_us: int
     return tuple(processes[pid] for pid in sorted(processes)), new_timestamp
 
 
-def _error_codes(nvml: ModuleType, names: tuple[str, ...]) -> set[int]:
-    return {getattr(nvml, n) for n in names if isinstance(getattr(nvml, n, None), int)}
-
-
 def _running_processes(nvml: ModuleType, handle: Any) -> list[Any] | None:
-    fatal = _error_codes(nvml, _FATAL_ERROR_NAMES)
-    missing = _error_codes(nvml, ("NVML_ERROR_FUNCTION_NOT_FOUND",))
     last_error: str | None = None
     for name in _RUNNING_PROCESS_FUNCTIONS:
         fn = getattr(nvml, name, None)
@@ -88,18 +95,18 @@ def _running_processes(nvml: ModuleType, handle: Any) -> list[Any] | None:
             continue
         try:
             return list(fn(handle))
-        except nvml.NVMLError as exc:
+        except pynvml.NVMLError as exc:
             code = getattr(exc, "value", None)
-            if code in fatal:
+            if code in SERIOUS_ERRORS:
                 raise
             last_error = f"{name}: {exc}"
-            if code in missing:
+            if code == pynvml.NVML_ERROR_FUNCTION_NOT_FOUND:
                 continue  # an older driver lacks this entry point: try the next variant
             break
         except (AttributeError, TypeError) as exc:  # pynvml/driver struct version mismatch
             last_error = f"{name}: {type(exc).__name__}: {exc}"
             continue
-    log.debug("cannot list GPU processes; the step is unattributed", extra={"kv": {"err": last_error}})
+    log.debug("cannot list GPU processes; the step is unattributed", extra=kv(err=last_error))
     return None
 
 
@@ -109,16 +116,14 @@ def _sm_utilization(nvml: ModuleType, handle: Any, since_us: int) -> tuple[dict[
     fn = getattr(nvml, "nvmlDeviceGetProcessUtilization", None)
     if fn is None:
         return None, since_us
-    fatal = _error_codes(nvml, _FATAL_ERROR_NAMES)
-    success = getattr(nvml, "NVML_SUCCESS", 0)
     try:
         samples = list(fn(handle, since_us))
-    except nvml.NVMLError as exc:
+    except pynvml.NVMLError as exc:
         code = getattr(exc, "value", None)
-        if code in fatal:
+        if code in SERIOUS_ERRORS:
             raise
-        if code != success:  # pynvml raises "success" when the first call finds no samples
-            log.debug("no per-process utilization", extra={"kv": {"err": str(exc)}})
+        if code != pynvml.NVML_SUCCESS:  # pynvml raises "success" when the first call finds no samples
+            log.debug("no per-process utilization", extra=kv(err=str(exc)))
         return None, since_us
     sums: dict[int, tuple[float, int]] = {}
     newest = since_us
