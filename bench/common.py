@@ -1,6 +1,11 @@
-"""Shared plumbing for the benchmarks: processes on free ports, /proc readings, statistics, machine facts.
+"""Plumbing shared by the benchmarks and the tests: free ports, polling, processes, /proc readings,
+exposition parsing, statistics, machine facts.
 
-Pure standard library (the CI venv has no numpy), so the numbers can be rerun anywhere wattson runs.
+The tests build on this module (tests/daemon.py, tests/promstack.py, tests/faults_support.py) and never
+the other way round: bench/ is a tool users run from a checkout (`python bench/run.py`), so it must not
+need the test tree, while the tests may import bench like any other code of the repository. Standard
+library plus wattson's own dependencies (the CI venv has no numpy), so the numbers can be rerun
+anywhere wattson runs.
 """
 
 from __future__ import annotations
@@ -16,10 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPORTER = ROOT / "exporter"
@@ -27,11 +36,55 @@ EXPORTER = ROOT / "exporter"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NODE_EXPORTER_NAMES = ("prometheus-node-exporter", "node_exporter")
 
+T = TypeVar("T")
+
 
 def free_port() -> int:
+    """A loopback TCP port nothing listens on right now (the kernel picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class WaitTimeout(AssertionError):
+    """wait_for's deadline passed. An AssertionError, so a test that waits in vain reports a failure."""
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.1,
+             retry_on: tuple[type[BaseException], ...] = (OSError,)) -> T:
+    """Call `probe` until it returns something truthy, and return that.
+
+    Exceptions in `retry_on` mean "not yet" (the last one is named on timeout). Any other exception
+    ends the wait at once: that is how a probe says the state can no longer come (a process exited).
+    The one polling loop of the benchmarks and the tests, so every wait fails the same, readable way.
+    """
+    deadline = time.monotonic() + timeout
+    last = "never probed"
+    while True:
+        try:
+            value = probe()
+        except retry_on as exc:
+            last = f"last error: {type(exc).__name__}: {exc}"
+        else:
+            if value:
+                return value
+            last = f"last result: {value!r}"
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(f"timed out after {timeout:g} s waiting for {what} ({last[:500]})")
+        time.sleep(interval)
+
+
+def samples(text: str) -> list[Sample]:
+    """Every sample of a text-format exposition, parsed by prometheus_client (the one parser used)."""
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def sample_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of the first sample `name` whose labels include `labels`; None when there is none."""
+    for s in samples(text):
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+            return float(s.value)
+    return None
 
 
 def http_get(port: int, path: str, timeout_seconds: float = 5.0,
@@ -47,19 +100,26 @@ def http_get(port: int, path: str, timeout_seconds: float = 5.0,
 
 def wait_http_ok(port: int, path: str, proc: subprocess.Popen[bytes], what: str, log_path: Path,
                  timeout_seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_seconds
-    while True:
+    """Wait until `proc` serves `path` with 200; RuntimeError at once if it exits first."""
+    def ok() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode} before serving {path}: "
                                f"{log_path.read_text(errors='replace')[-800:]}")
+        return http_get(port, path, timeout_seconds=1.0)[0] == 200
+
+    wait_for(f"{what} to serve {path}", ok, timeout_seconds, interval=0.05,
+             retry_on=(OSError, http.client.HTTPException))
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace_seconds: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if the process is still there after `grace_seconds`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
         try:
-            if http_get(port, path, timeout_seconds=1.0)[0] == 200:
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not serve {path} within {timeout_seconds:g} s")
-        time.sleep(0.05)
+            proc.wait(grace_seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @dataclass
@@ -74,16 +134,6 @@ class Process:
     @property
     def pid(self) -> int:
         return self.proc.pid
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # Runs the daemon's own main() after turning on TCP_NODELAY for its HTTP handler: used only to measure
@@ -120,7 +170,7 @@ def wattson_daemon(config_yaml: str, gpus: int, workdir: Path | None = None,
             wait_http_ok(port, "/readyz", proc, "wattson", log_path)
             yield Process("wattson+nodelay" if patch_nodelay else "wattson", proc, port, log_path)
         finally:
-            _stop(proc)
+            stop_process(proc)
 
 
 def node_exporter_binary() -> str | None:
@@ -157,7 +207,7 @@ def node_exporter() -> Iterator[Process]:
             wait_http_ok(port, "/metrics", proc, "node_exporter", log_path)
             yield Process("node_exporter", proc, port, log_path)
         finally:
-            _stop(proc)
+            stop_process(proc)
 
 
 def rss_bytes(pid: int) -> tuple[int, int]:
@@ -168,6 +218,19 @@ def rss_bytes(pid: int) -> tuple[int, int]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0]) * 1024  # kB
     return values["VmRSS"], values["VmHWM"]
+
+
+def thread_count(pid: int) -> int:
+    """Threads of a process, from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no Threads in /proc/{pid}/status")
+
+
+def open_fds(pid: int) -> int:
+    """Open file descriptors of a process."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def cpu_seconds(pid: int) -> float:

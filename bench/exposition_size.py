@@ -13,23 +13,18 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from wattson.config import SamplerConfig
 from wattson.exposition import Exposition
 from wattson.gpu.simulated import SimulatedBackend
 from wattson.sampler import Sampler
 
+from .common import samples
 from .sampler_cost import BUDGETS, grid
-
-
-def family_of(line: str) -> str:
-    name = line.split("{", 1)[0].split(" ", 1)[0]
-    return name
 
 
 def render(gpus: int) -> tuple[bytes, bytes, float]:
     """(plain text, gzip as served, render seconds) for `gpus` simulated GPUs after two rounds."""
     sampler = Sampler(SimulatedBackend(gpus, "H100-SXM", ["training", "inference", "idle"], 42),
-                      SamplerConfig(interval_seconds=1.0), grid(), BUDGETS)
+                      interval_seconds=1.0, grid=grid(), budgets=BUDGETS)
     sampler.start_backend()
     try:
         sampler.sample_round()
@@ -43,7 +38,8 @@ def render(gpus: int) -> tuple[bytes, bytes, float]:
 
 
 def series(text: bytes) -> list[str]:
-    return [line for line in text.decode().splitlines() if line and not line.startswith("#")]
+    """The name of each series (sample) in the exposition, in order."""
+    return [s.name for s in samples(text.decode())]
 
 
 def run(gpu_counts: tuple[int, ...] = (1, 8, 64), progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -62,9 +58,9 @@ def run(gpu_counts: tuple[int, ...] = (1, 8, 64), progress: Callable[[str], None
     per_gpu = {k: (hi[k] - lo[k]) / span for k in keys}
     # Which families the per-GPU series are, from the largest count.
     text, _gz, _s = render(int(hi["gpus"]))
-    counts = Counter(family_of(line) for line in series(text))
+    counts = Counter(series(text))
     text_lo, _gz, _s = render(int(lo["gpus"]))
-    counts_lo = Counter(family_of(line) for line in series(text_lo))
+    counts_lo = Counter(series(text_lo))
     for fam in sorted(counts):
         delta = (counts[fam] - counts_lo.get(fam, 0)) / span
         if delta:

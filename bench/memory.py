@@ -10,21 +10,31 @@ is not claimed.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
-import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
+from contextlib import AbstractContextManager
 from typing import Any
 
-from .common import cpu_seconds, fit_line, http_get, rss_bytes, theil_sen_slope, wattson_daemon
-from .gridfixture import PriceApiFixture, daemon_config, http_price_source_available
+from .common import (
+    cpu_seconds,
+    fit_line,
+    http_get,
+    open_fds,
+    rss_bytes,
+    sample_value,
+    samples,
+    theil_sen_slope,
+    thread_count,
+    wattson_daemon,
+)
+from .gridfixture import FixtureServer, daemon_config, http_price_source_available, price_api
 from .loadgen import PROMETHEUS_ACCEPT
 
 TARGET_RSS_BYTES = 60 * 1024 * 1024
 MiB = 1024 * 1024
-OCTOPUS_UP = 'wattson_source_up{source="octopus"} 1.0'
 
 
 def _scraper(port: int, stop: threading.Event, counts: dict[str, int]) -> None:
@@ -49,11 +59,7 @@ def _scraper(port: int, stop: threading.Event, counts: dict[str, int]) -> None:
 
 def _threads_fds(pid: int) -> tuple[int, int]:
     """(threads, open file descriptors) of a process: a leak of either shows up here first."""
-    threads = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            threads = int(line.split()[1])
-    return threads, len(os.listdir(f"/proc/{pid}/fd"))
+    return thread_count(pid), open_fds(pid)
 
 
 def _fit(points: list[tuple[float, int]]) -> dict[str, Any]:
@@ -77,10 +83,9 @@ def run(minutes: float = 30.0, gpus: int = 8, hz: float = 10.0, sample_every_sec
     duration = minutes * 60.0
     sample_every = min(sample_every_seconds, max(0.5, duration / 12))
     use_http = http_price_source_available()
-    fixture = PriceApiFixture() if use_http else None
-    if fixture is not None:
-        fixture.__enter__()
-    try:
+    fixture_cm: AbstractContextManager[FixtureServer | None] = (
+        price_api() if use_http else contextlib.nullcontext())
+    with fixture_cm as fixture:
         cfg = daemon_config(1.0 / hz, fixture.base_url if fixture is not None else None)
         with wattson_daemon(cfg, gpus) as proc:
             rss0, _ = rss_bytes(proc.pid)
@@ -89,6 +94,7 @@ def run(minutes: float = 30.0, gpus: int = 8, hz: float = 10.0, sample_every_sec
             counts = {"ok": 0, "failed": 0}
             scraper = threading.Thread(target=_scraper, args=(proc.port, stop, counts), daemon=True)
             t0 = time.monotonic()
+            t0_wall = time.time()
             scraper.start()
             points: list[tuple[float, int]] = [(0.0, rss0)]
             threads_fds = [_threads_fds(proc.pid)]
@@ -113,11 +119,8 @@ def run(minutes: float = 30.0, gpus: int = 8, hz: float = 10.0, sample_every_sec
             rss_end, hwm = rss_bytes(proc.pid)
             cpu = cpu_seconds(proc.pid) - cpu0
             seq_text = http_get(proc.port, "/metrics")[2].decode()
-            fetches = ([round(t - t0, 2) for t in fixture.request_times if t >= t0 - 60]
+            fetches = ([round(r.received - t0_wall, 2) for r in fixture.requests if r.received >= t0_wall - 60]
                        if fixture is not None else [])
-    finally:
-        if fixture is not None:
-            fixture.__exit__(None, None, None)
     half = [p for p in points if p[0] >= elapsed / 2]
     out: dict[str, Any] = {
         "minutes": elapsed / 60, "gpus": gpus, "hz": hz, "sample_every_seconds": sample_every,
@@ -131,8 +134,9 @@ def run(minutes: float = 30.0, gpus: int = 8, hz: float = 10.0, sample_every_sec
         "price_api_fetch_seconds": fetches,
         "threads_min_max": [min(t for t, _ in threads_fds), max(t for t, _ in threads_fds)],
         "fds_min_max": [min(f for _, f in threads_fds), max(f for _, f in threads_fds)],
-        "http_source_up_at_end": (OCTOPUS_UP in seq_text) if use_http else None,
-        "series_at_end": sum(1 for line in seq_text.splitlines() if line and not line.startswith("#")),
+        "http_source_up_at_end": (sample_value(seq_text, "wattson_source_up", source="octopus") == 1
+                                  if use_http else None),
+        "series_at_end": len(samples(seq_text)),
     }
     half_fit = out["fit_second_half"]
     out["target_met"] = (hwm < TARGET_RSS_BYTES and not half_fit["growth_significant"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import free_port
-from .gridfixture import PriceApiFixture, daemon_config, http_price_source_available
+from .gridfixture import daemon_config, http_price_source_available, price_api
 
 FRAMES = 12
 
@@ -50,7 +50,7 @@ def run(minutes: float = 5.0, warmup_seconds: float = 30.0, gpus: int = 8, hz: f
     from wattson.config import load_config
 
     use_http = http_price_source_available()
-    fixture = PriceApiFixture() if use_http else None
+    fixture = price_api() if use_http else None
     with tempfile.TemporaryDirectory(prefix="wattson-trace-") as tmp:
         if fixture is not None:
             fixture.__enter__()

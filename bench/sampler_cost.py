@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from wattson.accounting import Tariff
 from wattson.gpu.base import GpuIdentity, GpuReading
 from wattson.grid.signal import GridSignals, SignalChain
 from wattson.grid.static import StaticSource
@@ -168,10 +167,10 @@ def hotspots(gpus: int, rounds: int, top: int = 12) -> dict[str, Any]:
     sampler = make_sampler(gpus, 0.0)
     try:
         def inline_round() -> None:
-            tariff = Tariff(sampler.grid, time.time())
-            for g in sampler.gpus:
-                g.record(g.read(), tariff, None)
-            sampler._publish(0.0, sampler.grid, sampler.budgets)
+            rnd = sampler._begin()
+            for g in rnd.gpus:
+                g.record(g.read(), rnd.tariff, rnd.workloads)
+            sampler._finish(rnd)
 
         for _ in range(50):
             inline_round()

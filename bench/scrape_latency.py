@@ -10,22 +10,25 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
 from .common import (
     Process,
+    WaitTimeout,
     cpu_seconds,
     http_get,
     node_exporter,
     node_exporter_binary,
     rss_bytes,
+    sample_value,
+    samples,
     shipped_handler_disables_nagle,
+    wait_for,
     wattson_daemon,
 )
-from .gridfixture import PriceApiFixture, daemon_config, http_price_source_available
+from .gridfixture import FixtureServer, daemon_config, http_price_source_available, price_api
 from .loadgen import PROMETHEUS_ACCEPT, run_load
 
 ENCODINGS: dict[str, dict[str, str]] = {
@@ -35,7 +38,7 @@ ENCODINGS: dict[str, dict[str, str]] = {
 
 
 def series_count(text: str) -> int:
-    return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+    return len(samples(text))
 
 
 def _exposition(port: int) -> tuple[int, int]:
@@ -47,13 +50,14 @@ def _exposition(port: int) -> tuple[int, int]:
 
 
 def _wait_source_up(port: int, source: str, timeout_seconds: float = 15.0) -> bool:
-    needle = f'wattson_source_up{{source="{source}"}} 1.0'
-    deadline = time.monotonic() + timeout_seconds
-    while time.monotonic() < deadline:
-        if needle in http_get(port, "/metrics")[2].decode():
-            return True
-        time.sleep(0.2)
-    return False
+    """Whether wattson_source_up{source} became 1 within the timeout (reported, not required)."""
+    def up() -> bool:
+        return sample_value(http_get(port, "/metrics")[2].decode(), "wattson_source_up", source=source) == 1
+
+    try:
+        return wait_for(f"source {source} up", up, timeout_seconds, interval=0.2)
+    except WaitTimeout:
+        return False
 
 
 def _measure_target(proc: Process, requests: int, concurrencies: tuple[int, ...], encodings: tuple[str, ...],
@@ -91,8 +95,8 @@ def run(requests: int = 2000, concurrencies: tuple[int, ...] = (1, 16), gpu_coun
         "shipped_nodelay": shipped_handler_disables_nagle(),
         "targets": {},
     }
-    fixture_cm: AbstractContextManager[PriceApiFixture | None] = (
-        PriceApiFixture() if use_http else contextlib.nullcontext())
+    fixture_cm: AbstractContextManager[FixtureServer | None] = (
+        price_api() if use_http else contextlib.nullcontext())
     with fixture_cm as fixture:
         targets: list[tuple[str, Callable[[], AbstractContextManager[Process]]]] = []
         if node_exporter_binary() is not None:
@@ -112,7 +116,7 @@ def run(requests: int = 2000, concurrencies: tuple[int, ...] = (1, 16), gpu_coun
                 extra: dict[str, Any] = {}
                 if name.startswith("wattson") and fixture is not None:
                     extra["http_source_up"] = _wait_source_up(proc.port, "octopus")
-                    extra["fixture_requests"] = fixture.requests
+                    extra["fixture_requests"] = len(fixture.requests)
                 out["targets"][name] = {**_measure_target(proc, requests, concurrencies, encodings, warmup,
                                                           progress), **extra}
     out["ratios"] = ratios(out)

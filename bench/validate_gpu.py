@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +27,11 @@ from pathlib import Path
 import pynvml
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import free_port, sample_value, samples, wait_for  # noqa: E402
+
 PRICE, INTENSITY = 0.25, 400.0
 CONFIG = f"""
 sampler: {{interval_seconds: 0.1}}
@@ -45,8 +48,7 @@ def scrape(port: int) -> str:
 
 
 def metric(text: str, name: str, gpu: str) -> float | None:
-    m = re.search(rf'^{name}{{[^}}]*gpu="{gpu}"[^}}]*}} (\S+)$', text, re.M)
-    return float(m.group(1)) if m else None
+    return sample_value(text, name, gpu=gpu)
 
 
 def trapezoid(samples: list[tuple[float, float]]) -> float:
@@ -86,9 +88,7 @@ def main() -> int:
         "gpu_count": pynvml.nvmlDeviceGetCount(),
     }
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cfg = args.out / "wattson.yml"
     cfg.write_text(CONFIG)
     log = open(args.out / "wattson.log", "wb")
@@ -96,13 +96,11 @@ def main() -> int:
     daemon = subprocess.Popen([sys.executable, "-m", "wattson", "--config.file", str(cfg),
                                "--web.listen-address", f"127.0.0.1:{port}"], stdout=log, stderr=log, env=env)
     try:
-        for _ in range(200):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.1)
+        def ready() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                return r.status == 200
+
+        wait_for("wattson ready (/readyz 200)", ready, timeout=20)
         time.sleep(1.0)
 
         stop_load = threading.Event()
@@ -156,10 +154,10 @@ def main() -> int:
             "expected_cost_eur": wattson_j / 3.6e6 * PRICE,
             "wattson_co2e_g": grams,
             "expected_co2e_g": wattson_j / 3.6e6 * INTENSITY,
-            "gpu_info_line": next((ln for ln in end_text.splitlines() if ln.startswith("wattson_gpu_info")), None),
+            "gpu_info": [x.labels for x in samples(end_text) if x.name == "wattson_gpu_info"],
             "gpu_up": metric(end_text, "wattson_gpu_up", g),
-            "sampler_errors": [ln for ln in end_text.splitlines()
-                               if ln.startswith("wattson_sampler_errors_total") and not ln.endswith(" 0.0")],
+            "sampler_errors": [{**x.labels, "count": x.value} for x in samples(end_text)
+                               if x.name == "wattson_sampler_errors_total" and x.value > 0],
         }
         for k in ("direct_power_20hz_integrated_j", "wattson_power_gauge_1s_integrated_j",
                   "wattson_power_gauge_15s_integrated_j", "nvml_counter_energy_j"):

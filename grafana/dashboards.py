@@ -232,11 +232,12 @@ GRID = Dashboard(
               (q(f"wattson_grid_signal_age_seconds{{{HOST}}}", "{{instance}} {{signal}} {{zone}}"),),
               width=12, height=6),
         Panel("stat", "Source status", "Whether the last fetch from each source succeeded (wattson_source_up).",
-              "none", (q(f"wattson_source_up{{{HOST}}}", "{{instance}} {{source}}"),), width=8, height=6,
+              "none", (q(f"wattson_source_up{{{HOST}}}", "{{instance}} {{signal}} {{source}}"),), width=8, height=6,
               mappings=UP_DOWN),
-        Panel("timeseries", "Source errors", "Failed or rejected fetches per window, by source and reason.", "none",
-              (q(f"sum by (instance, source, reason) (increase(wattson_source_errors_total{{{HOST}}}"
-                 f"[$__rate_interval]))", "{{instance}} {{source}} {{reason}}"),), width=8, height=6),
+        Panel("timeseries", "Source errors", "Failed or rejected fetches per window, by signal, source and reason.",
+              "none",
+              (q(f"sum by (instance, signal, source, reason) (increase(wattson_source_errors_total{{{HOST}}}"
+                 f"[$__rate_interval]))", "{{instance}} {{signal}} {{source}} {{reason}}"),), width=8, height=6),
         Panel("timeseries", "Energy with no price or intensity", "Energy x PUE used while no price (or no carbon "
               "intensity) was known, per window: counted here instead of being priced at 0.", "joule",
               (q(f"sum by (instance, signal) (increase(wattson_gpu_unpriced_energy_joules_total{{{HOST}}}"

@@ -1,27 +1,30 @@
-"""Start the real wattson daemon in a subprocess on a free loopback port, for integration tests."""
+"""Start the real wattson daemon in a subprocess on a free loopback port, for integration tests.
+
+free_port, the polling and the process teardown come from bench.common, shared with the benchmarks
+(bench/ must not import the tests, so the tests import bench's).
+"""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.common import WaitTimeout, free_port, stop_process, wait_for
+
+__all__ = ["ROOT", "Daemon", "free_port", "get", "run_wattson"]
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+READY_TIMEOUT_SECONDS = 20.0
 
 
 def get(url: str, timeout: float = 5.0, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    """GET `url`: (status, headers, body), an HTTP error status included rather than raised."""
     req = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -30,9 +33,10 @@ def get(url: str, timeout: float = 5.0, **headers: str) -> tuple[int, dict[str, 
         return exc.code, dict(exc.headers), exc.read()
 
 
-
 class Daemon:
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path) -> None:
+    """A running wattson: its process, port, base URL and log."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
         self.proc = proc
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
@@ -50,6 +54,11 @@ class Daemon:
 @contextmanager
 def run_wattson(tmp_path: Path, config: str | None, *args: str, env: dict[str, str] | None = None,
                 wait_ready: bool = True) -> Iterator[Daemon]:
+    """wattson from the source tree with `config` (None: built-in defaults) and extra `args`.
+
+    The environment is PATH plus `env` only, so no API key of the machine running the tests leaks in.
+    With wait_ready, returns once /readyz answers 200 (AssertionError with the log if it exits first).
+    """
     port = free_port()
     cmd = [sys.executable, "-m", "wattson", "--web.listen-address", f"127.0.0.1:{port}", *args]
     if config is not None:
@@ -64,24 +73,15 @@ def run_wattson(tmp_path: Path, config: str | None, *args: str, env: dict[str, s
     daemon = Daemon(proc, port, log_path)
     try:
         if wait_ready:
-            deadline = time.monotonic() + 20
-            while True:
+            def ready() -> bool:
                 if proc.poll() is not None:
                     raise AssertionError(f"wattson exited {proc.returncode}: {daemon.log()}")
-                try:
-                    if get(daemon.base + "/readyz", timeout=1)[0] == 200:
-                        break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"wattson not ready in 20 s: {daemon.log()}")
-                time.sleep(0.1)
+                return get(daemon.base + "/readyz", timeout=1)[0] == 200
+
+            try:
+                wait_for("wattson ready (/readyz 200)", ready, READY_TIMEOUT_SECONDS)
+            except WaitTimeout as exc:
+                raise AssertionError(f"{exc}\n{daemon.log()}") from None
         yield daemon
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, grace_seconds=5)

@@ -1,7 +1,7 @@
 """Run a real Prometheus (Debian's /usr/bin/prometheus) with the shipped config and rules, for tests.
 
     with start_prometheus(tmp_path, wattson_target=f"127.0.0.1:{daemon.port}") as prom:
-        wait_until(lambda: query(prom.base, 'up{job="wattson"} == 1'))
+        wait_for("wattson scraped", lambda: query(prom.base, 'up{job="wattson"} == 1'), timeout=30)
         groups = rules(prom.base)
 
 The shipped prometheus/prometheus.yml is rewritten for the test: the wattson job scrapes the given
@@ -10,6 +10,9 @@ section is dropped, and scrape and evaluation intervals are the test's. Rule fil
 their groups' own `interval` removed, so every group follows the test's evaluation interval (the
 accounting rules are built to give the same results at any interval below 5m), and optionally with
 every alert's `for` shortened, so an alert driven by configuration fires within the test.
+
+The binary is the `prometheus` on PATH: missing, the test is skipped, or fails under CI=true
+(tests.conftest.require_tool).
 """
 
 from __future__ import annotations
@@ -18,30 +21,30 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
-from tests.daemon import free_port  # one free-port helper for every server the tests start
+from bench.common import WaitTimeout, free_port, stop_process, wait_for
+from tests.conftest import require_tool
+
+__all__ = ["Prometheus", "alerts", "dashboard_generator", "dashboard_queries", "free_port", "query", "rules",
+           "shipped_rule_files", "start_prometheus", "targets", "wait_for"]
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "prometheus"
 DASHBOARD_GENERATOR = ROOT / "grafana" / "dashboards.py"
 SHIPPED_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
-PROMETHEUS_BINARY = "/usr/bin/prometheus"
 READY_TIMEOUT_SECONDS = 30.0
 HTTP_TIMEOUT_SECONDS = 10.0
-
-T = TypeVar("T")
 
 
 def shipped_rule_files() -> list[Path]:
@@ -117,7 +120,7 @@ def start_prometheus(tmp_path: Path, wattson_target: str | Sequence[str],
                      rule_files: Sequence[Path] | None = None, scrape_interval: str = "1s",
                      evaluation_interval: str | None = None, keep_group_intervals: bool = False,
                      alert_for: str | None = None, extra_args: Sequence[str] = (),
-                     binary: str = PROMETHEUS_BINARY) -> Iterator[Prometheus]:
+                     binary: str | None = None) -> Iterator[Prometheus]:
     """Start Prometheus on a free loopback port with a fresh TSDB under tmp_path; stop it on exit.
 
     rule_files defaults to the shipped ones; evaluation_interval to scrape_interval. The rule files
@@ -125,8 +128,7 @@ def start_prometheus(tmp_path: Path, wattson_target: str | Sequence[str],
     every alert's `for` set to alert_for if given (e.g. "0s" to see an alert fire at once instead of
     after its 5 minutes). Raises AssertionError (with Prometheus's log) if it exits or is not ready
     within 30 s."""
-    if not Path(binary).exists():
-        raise FileNotFoundError(f"{binary} not found: install Debian's prometheus package")
+    binary = binary or require_tool("prometheus")
     targets = [wattson_target] if isinstance(wattson_target, str) else list(wattson_target)
     evaluation_interval = evaluation_interval or scrape_interval
     port = free_port()
@@ -144,28 +146,19 @@ def start_prometheus(tmp_path: Path, wattson_target: str | Sequence[str],
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     prom = Prometheus(f"http://127.0.0.1:{port}", port, proc, config_path, rules_used, log_path)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-        while True:
+        def ready() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"prometheus exited with {proc.returncode}:\n{prom.log()}")
-            try:
-                with urllib.request.urlopen(prom.base + "/-/ready", timeout=1) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"prometheus not ready in {READY_TIMEOUT_SECONDS:.0f} s:\n{prom.log()}")
-            time.sleep(0.1)
+            with urllib.request.urlopen(prom.base + "/-/ready", timeout=1) as resp:
+                return bool(resp.status == 200)
+
+        try:
+            wait_for("prometheus ready (/-/ready 200)", ready, READY_TIMEOUT_SECONDS)
+        except WaitTimeout as exc:
+            raise AssertionError(f"{exc}\n{prom.log()}") from None
         yield prom
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_process(proc, grace_seconds=10)
 
 
 def api_get(base: str, path: str, **params: str) -> Any:
@@ -207,19 +200,6 @@ def alerts(base: str) -> list[dict[str, Any]]:
 def targets(base: str) -> list[dict[str, Any]]:
     """Active scrape targets from /api/v1/targets."""
     return list(api_get(base, "/api/v1/targets")["activeTargets"])
-
-
-def wait_until(fetch: Callable[[], T], timeout: float = 30.0, interval: float = 0.25,
-               what: str = "condition") -> T:
-    """Call fetch until it returns something truthy; return that, or raise AssertionError after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last result: {value!r}")
-        time.sleep(interval)
 
 
 def dashboard_generator() -> ModuleType:

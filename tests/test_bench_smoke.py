@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench import common, energy_accuracy
+from tests.conftest import optional_tool
 
 pytestmark = pytest.mark.integration
 
@@ -59,6 +60,8 @@ def test_counter_method_is_exact_on_a_bursty_profile() -> None:
 
 
 def test_quick_run_measures_every_section_and_writes_the_report(tmp_path: Path) -> None:
+    """Without node_exporter the scrape section runs without its reference (locally; CI=true needs it)."""
+    node_exporter = optional_tool(*common.NODE_EXPORTER_NAMES)
     out = tmp_path / "benchmarks.md"
     raw = tmp_path / "results.json"
     proc = subprocess.run(
@@ -82,18 +85,25 @@ def test_quick_run_measures_every_section_and_writes_the_report(tmp_path: Path) 
         assert backend["loop"]["10hz"]["rounds"] > 0
 
     sc = results["scrape"]
+    assert ("error" in sc["targets"]["node_exporter"]) == (node_exporter is None), sc["targets"]["node_exporter"]
     for name, target in sc["targets"].items():
-        if name == "node_exporter" and "error" in target:
+        if name == "node_exporter" and node_exporter is None:
             continue  # reference not installed on this machine
         for run in target["runs"].values():
             assert run["errors"] == 0 and run["p99_ms"] > 0 and run["p50_ms"] <= run["p99_ms"]
     for n in sc["gpu_counts"]:
         assert sc["targets"][f"wattson_{n}gpu"]["series"] > n * 13
+    # With the HTTP price source, wattson priced from the fake API server, which saw its fetches.
+    for name, target in sc["targets"].items():
+        if "http_source_up" in target:
+            assert target["http_source_up"] is True and target["fixture_requests"] > 0, (name, target)
 
     me = results["memory"]
     assert me["scrapes_ok"] > 0 and me["scrapes_failed"] == 0
     assert 0 < me["rss_after_start_bytes"] <= me["rss_peak_bytes"]
     assert me["threads_min_max"][0] > 1 and me["fds_min_max"][0] > 2
+    if me["http_source_up_at_end"] is not None:
+        assert me["http_source_up_at_end"] is True and me["price_api_fetch_seconds"], me
 
     tr = results["memory_trace"]
     assert tr["rounds"] > 0 and tr["scrapes"] > 0 and tr["scrapes_failed"] == 0

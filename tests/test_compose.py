@@ -1,30 +1,55 @@
-"""docker-compose.yml, .env.example and exporter/Dockerfile: schema-valid and built the way the stack
-promises (pinned images, localhost ports, read-only mounts, healthchecks, no default password,
-GPU and simulated variants). Docker itself is not needed: the schema check runs check-jsonschema
-with its bundled copy of the compose specification, which works offline.
+"""docker-compose.yml, .env.example and exporter/Dockerfile: valid, and consistent with what they start.
+
+Docker itself is not needed. The compose file is checked against the compose specification (the copy
+bundled with check-jsonschema, which works offline), interpolated the way compose does it, and
+cross-checked with the things it wires together: wattson's own command-line parser and default port,
+Prometheus's targets, Grafana's provisioning, the mount sources in the repository. The Dockerfile's
+entry point, user, port and healthcheck are checked against the package and a running daemon.
 """
 
 from __future__ import annotations
 
+import json
 import re
-import shutil
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
+
+from bench.common import free_port
+from tests.conftest import require_tool
+from tests.daemon import run_wattson
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "exporter" / "Dockerfile"
-SERVICES = {"wattson", "wattson-sim", "prometheus", "alertmanager", "grafana"}
+DOCKERIGNORE = ROOT / "exporter" / "Dockerfile.dockerignore"
 VARIABLE = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+GRAFANA_DEFAULT_PORT = 3000  # Grafana's http_port unless GF_SERVER_HTTP_PORT says otherwise
 
 
 def compose() -> dict[str, Any]:
     return dict(yaml.safe_load(COMPOSE.read_text()))
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return dict(compose()["services"])
+
+
+def wattson_services() -> dict[str, dict[str, Any]]:
+    """The services that run the wattson image (built from exporter/Dockerfile)."""
+    return {name: s for name, s in services().items() if "build" in s}
 
 
 def env_example() -> dict[str, str]:
@@ -52,16 +77,45 @@ def interpolate(text: str, env: dict[str, str]) -> str:
     return VARIABLE.sub(repl, text)
 
 
-def test_services_volumes_and_name() -> None:
+def wattson_default_port() -> int:
+    from wattson.config import WebConfig, parse_listen_address
+
+    return parse_listen_address(WebConfig().listen_address)[1]
+
+
+def listen_port(name: str, service: dict[str, Any]) -> int:
+    """The port a service listens on inside its container, from its own command line."""
+    command = service.get("command", [])
+    if "build" in service:
+        from wattson.cli import build_parser
+
+        address = build_parser().parse_args(command).listen_address
+        return int(address.rsplit(":", 1)[1]) if address else wattson_default_port()
+    flags = [a.split("=", 1)[1] for a in command if a.startswith("--web.listen-address=")]
+    if flags:
+        return int(flags[0].rsplit(":", 1)[1])
+    if service["image"].startswith("grafana/"):
+        return int(service.get("environment", {}).get("GF_SERVER_HTTP_PORT", GRAFANA_DEFAULT_PORT))
+    raise AssertionError(f"{name}: cannot tell which port it listens on")
+
+
+# --- compose -----------------------------------------------------------------------------------------
+
+def test_named_volumes_and_dependencies_resolve() -> None:
+    """Every named volume a service mounts is declared (and every declared one used); every dependency
+    is a service that runs in every profile (one in a profile would not start without it)."""
     doc = compose()
-    assert set(doc["services"]) == SERVICES
-    assert doc["name"] == "wattson"
-    assert set(doc["volumes"]) == {"prometheus-data", "alertmanager-data", "grafana-data"}
+    used = {v.split(":")[0] for s in doc["services"].values() for v in s.get("volumes", []) if isinstance(v, str)}
+    assert used == set(doc["volumes"]), (sorted(used), sorted(doc["volumes"]))
+    for name, s in doc["services"].items():
+        for dep in s.get("depends_on", {}):
+            assert dep in doc["services"], f"{name}: depends on unknown service {dep}"
+            assert "profiles" not in doc["services"][dep], f"{name}: depends on {dep}, which only runs in a profile"
 
 
-@pytest.mark.parametrize("service", sorted(SERVICES))
+@pytest.mark.parametrize("service", sorted(services()))
 def test_service_is_hardened_and_healthchecked(service: str) -> None:
-    s = compose()["services"][service]
+    s = services()[service]
     assert s["read_only"] is True, f"{service}: read_only"
     assert s["cap_drop"] == ["ALL"], f"{service}: cap_drop"
     assert "no-new-privileges:true" in s["security_opt"], f"{service}: no-new-privileges"
@@ -70,46 +124,52 @@ def test_service_is_hardened_and_healthchecked(service: str) -> None:
     assert hc["test"][0] == "CMD" and hc["interval"] and hc["retries"] >= 3, f"{service}: healthcheck"
 
 
-@pytest.mark.parametrize("service", sorted(SERVICES))
-def test_ports_bind_to_localhost_by_default(service: str) -> None:
-    for port in compose()["services"][service]["ports"]:
-        assert port.startswith("${BIND_ADDRESS:-127.0.0.1}:"), f"{service}: port {port}"
-        published = interpolate(port, {})
-        assert published.startswith("127.0.0.1:"), published
+@pytest.mark.parametrize("service", sorted(services()))
+def test_ports_publish_what_the_service_listens_on_and_bind_to_localhost_by_default(service: str) -> None:
+    """Published ports land on the port the service really listens on (and its healthcheck asks), on
+    127.0.0.1 unless BIND_ADDRESS says otherwise."""
+    s = services()[service]
+    port = listen_port(service, s)
+    for spec in s["ports"]:
+        host_ip, _host_port, container_port = interpolate(spec, {}).rsplit(":", 2)
+        assert host_ip == "127.0.0.1", f"{service}: {spec} publishes on {host_ip} by default"
+        assert interpolate(spec, {"BIND_ADDRESS": "0.0.0.0"}).startswith("0.0.0.0:"), spec
+        assert int(container_port) == port, f"{service}: publishes {container_port}, listens on {port}"
+    urls = [u for arg in s["healthcheck"]["test"] for u in re.findall(r"https?://[^\s'\"]+", arg)]
+    assert urls and all(urlsplit(u).port == port for u in urls), f"{service}: healthcheck {urls} vs port {port}"
 
 
-def test_images_are_pinned_to_real_release_tags() -> None:
-    images = {name: s["image"] for name, s in compose()["services"].items()}
-    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", images["prometheus"])
-    assert re.fullmatch(r"prom/alertmanager:v\d+\.\d+\.\d+", images["alertmanager"])
-    assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", images["grafana"])
-    assert images["wattson"] == images["wattson-sim"]
-    for image in images.values():
-        assert not image.endswith(":latest") and ":" in image
+def test_images_are_pinned_to_release_tags() -> None:
+    """Third-party images at a release; the wattson image tagged, by default, with the package version."""
+    for name, s in services().items():
+        repo, _, tag = interpolate(s["image"], {}).rpartition(":")
+        assert repo and re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: {s['image']} is not pinned to a release"
+    images = {interpolate(s["image"], {}) for s in wattson_services().values()}
+    assert len(images) == 1, f"the wattson variants must share one image: {images}"
+    assert images.pop().rpartition(":")[2] == pyproject()["project"]["version"]
 
 
 def test_config_mounts_are_read_only_and_exist() -> None:
     env = env_example()
-    for name, s in compose()["services"].items():
+    for name, s in services().items():
         for volume in s.get("volumes", []):
             if isinstance(volume, str):
-                source = volume.split(":")[0]
-                assert source in compose()["volumes"], f"{name}: {volume} is not a named volume"
-                continue
+                continue  # a named volume: test_named_volumes_and_dependencies_resolve
             assert volume["type"] == "bind" and volume["read_only"] is True, f"{name}: {volume}"
             source = ROOT / interpolate(volume["source"], env)
             assert source.exists(), f"{name}: mount source {source} does not exist"
 
 
-def test_grafana_mounts_match_provisioning_and_needs_a_password() -> None:
-    g = compose()["services"]["grafana"]
+def test_grafana_mounts_match_provisioning_and_home_dashboard() -> None:
+    g = services()["grafana"]
     targets = {v["target"]: v["source"] for v in g["volumes"] if isinstance(v, dict)}
     provider = yaml.safe_load((ROOT / "grafana/provisioning/dashboards/wattson.yml").read_text())["providers"][0]
-    assert targets[provider["options"]["path"]] == "./grafana/dashboards"
-    assert targets["/etc/grafana/provisioning"] == "./grafana/provisioning"
-    assert g["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GF_SECURITY_ADMIN_PASSWORD:?")
-    home = g["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
-    assert (ROOT / "grafana/dashboards" / Path(home).name).exists()
+    assert provider["type"] == "file"
+    assert (ROOT / targets[provider["options"]["path"]]).resolve() == (ROOT / "grafana/dashboards").resolve()
+    assert (ROOT / targets["/etc/grafana/provisioning"]).resolve() == (ROOT / "grafana/provisioning").resolve()
+    home = Path(g["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    mount = next(t for t in targets if home.is_relative_to(t))
+    assert (ROOT / targets[mount] / home.relative_to(mount)).exists(), f"home dashboard {home} is not mounted"
 
 
 def test_no_default_grafana_password() -> None:
@@ -130,59 +190,193 @@ def test_every_variable_without_a_default_is_in_env_example() -> None:
         name, op = m.group(1), m.group(2)
         if op in (None, ":?", "?"):
             assert name in env, f"docker-compose.yml uses ${{{name}}} without a default; add it to .env.example"
-    assert env["COMPOSE_PROFILES"] == "gpu"
+    profiles = {p for s in services().values() for p in s.get("profiles", [])}
+    chosen = set(env["COMPOSE_PROFILES"].split(","))
+    assert chosen and chosen <= profiles, f".env.example selects {chosen}; compose has profiles {profiles}"
 
 
-def test_gpu_variant_reserves_nvidia_gpus_and_sim_variant_simulates() -> None:
-    services = compose()["services"]
-    gpu, sim = services["wattson"], services["wattson-sim"]
-    assert gpu["profiles"] == ["gpu"] and sim["profiles"] == ["sim"]
-    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
-    assert "deploy" not in sim
-    assert "--simulate" in sim["command"] and "--simulate" not in gpu["command"]
-    assert sim["networks"]["default"]["aliases"] == ["wattson"]
-    for s in (gpu, sim):
-        assert s["build"] == {"context": ".", "dockerfile": "exporter/Dockerfile"}
-        assert "--config.file=/etc/wattson/wattson.yml" in s["command"]
-        assert "/tmp" in s["tmpfs"]
-    for name in ("prometheus", "grafana", "alertmanager"):
-        assert "wattson" not in services[name].get("depends_on", {}), f"{name} must not need a profile's service"
+def test_wattson_commands_parse_with_the_real_cli_and_read_the_mounted_config() -> None:
+    """Each variant's command is accepted by wattson's own argument parser; the config file it names is
+    the one mounted; exactly the variant without a GPU reservation simulates."""
+    from wattson.cli import build_parser
+
+    variants = wattson_services()
+    assert variants
+    for name, s in variants.items():
+        args = build_parser().parse_args(s["command"])
+        mounted = {v["target"] for v in s["volumes"] if isinstance(v, dict)}
+        assert args.config_file in mounted, f"{name}: --config.file {args.config_file} is not mounted ({mounted})"
+        reserves_gpus = "deploy" in s
+        assert args.simulate != reserves_gpus, f"{name}: simulate={args.simulate}, reserves GPUs={reserves_gpus}"
+        assert (ROOT / s["build"]["context"] / s["build"]["dockerfile"]).resolve() == DOCKERFILE
+        assert "/tmp" in s["tmpfs"], f"{name}: read-only root needs a writable /tmp"
+        assert s.get("profiles"), f"{name}: the variants are chosen by profile"
+    gpu = [s for s in variants.values() if "deploy" in s]
+    (device,) = gpu[0]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
 
 
-def test_prometheus_keeps_a_month_of_data_and_targets_the_wattson_name() -> None:
-    p = compose()["services"]["prometheus"]
+def test_prometheus_keeps_a_month_of_data_and_targets_wattson_in_the_stack() -> None:
+    """Month-to-date sums need 32 days of data; the file_sd targets reach a wattson variant (by service
+    name or network alias) on the port it listens on."""
+    p = services()["prometheus"]
     retention = [a for a in p["command"] if a.startswith("--storage.tsdb.retention.time=")]
     value = interpolate(retention[0].split("=", 1)[1], env_example())
     m = re.fullmatch(r"(\d+)d", value)
     assert m and int(m.group(1)) >= 32, f"retention {value} is shorter than a month"
-    targets = yaml.safe_load((ROOT / "prometheus/targets/wattson.yml").read_text())
-    assert any("wattson:9874" in entry["targets"] for entry in targets)
+    names = {}
+    for name, s in wattson_services().items():
+        names[name] = s
+        for alias in (s.get("networks") or {}).get("default", {}).get("aliases", []):
+            names[alias] = s
+    entries = yaml.safe_load((ROOT / "prometheus/targets/wattson.yml").read_text())
+    targets = [t for entry in entries for t in entry["targets"]]
+    assert targets
+    for target in targets:
+        host, port = target.rsplit(":", 1)
+        assert host in names, f"target {target}: {host} is no wattson service or alias ({sorted(names)})"
+        assert int(port) == listen_port(host, names[host]), target
 
 
-def test_dockerfile_runs_unprivileged_with_healthcheck() -> None:
-    text = DOCKERFILE.read_text()
-    froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
-    assert froms and all(re.fullmatch(r"python:3\.12(\.\d+)?-slim(-bookworm)?", f) for f in froms), froms
-    users = re.findall(r"^USER\s+(\S+)", text, re.M)
-    assert users and users[-1].split(":")[0] not in ("root", "0"), users
-    assert re.search(r"^EXPOSE\s+9874$", text, re.M)
-    assert re.search(r"^HEALTHCHECK .*", text, re.M) and "/healthz" in text
-    assert re.search(r'^ENTRYPOINT \["wattson"\]', text, re.M)
-    assert "setcap" not in text and "chmod u+s" not in text
-    ignore = (ROOT / "exporter" / "Dockerfile.dockerignore").read_text().split()
-    assert ignore[ignore.index("*"):][:4] == ["*", "!pyproject.toml", "!README.md", "!exporter/"]
+# --- Dockerfile --------------------------------------------------------------------------------------
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        if pending.strip():
+            instruction, _, args = pending.strip().partition(" ")
+            out.append((instruction.upper(), args.strip()))
+        pending = ""
+    return out
 
 
-def _check_jsonschema() -> str:
-    path = shutil.which("check-jsonschema")
-    if path is None:
-        pytest.skip("check-jsonschema not installed (pip install check-jsonschema)")
-    return path
+def instructions(name: str) -> list[str]:
+    return [args for ins, args in dockerfile() if ins == name]
 
+
+def pyproject() -> dict[str, Any]:
+    return dict(tomllib.loads((ROOT / "pyproject.toml").read_text()))
+
+
+def test_entrypoint_is_the_packages_console_script() -> None:
+    """The image runs the command pip installs for the package, and that command resolves to a callable."""
+    (entrypoint,) = instructions("ENTRYPOINT")
+    command = json.loads(entrypoint)
+    scripts = pyproject()["project"]["scripts"]
+    assert command[0] in scripts, f"ENTRYPOINT {command} is not a console script of the package ({scripts})"
+    module, _, func = scripts[command[0]].partition(":")
+    import importlib
+
+    assert callable(getattr(importlib.import_module(module), func))
+
+
+def test_image_runs_as_the_unprivileged_user_it_creates() -> None:
+    users = instructions("USER")
+    assert users, "no USER: the image would run as root"
+    uid, _, gid = users[-1].partition(":")
+    assert uid not in ("root", "0") and gid not in ("root", "0"), users[-1]
+    runs = " ".join(instructions("RUN"))
+    assert re.search(rf"useradd\b[^&]*--uid {uid}\b", runs), f"USER {uid} is not the user the image creates"
+    if gid:
+        assert re.search(rf"groupadd\b[^&]*--gid {gid}\b", runs), f"group {gid} is not the group the image creates"
+    assert "setcap" not in runs and "chmod u+s" not in runs
+
+
+def test_python_base_image_is_pinned_and_satisfies_requires_python() -> None:
+    spec = pyproject()["project"]["requires-python"]
+    minimum = tuple(int(x) for x in re.fullmatch(r">=\s*(\d+(?:\.\d+)*)", spec).group(1).split("."))  # type: ignore[union-attr]
+    for image in (args.split()[0] for args in instructions("FROM")):
+        m = re.fullmatch(r"python:(\d+)\.(\d+)\.(\d+)-slim(?:-\w+)?", image)
+        assert m, f"FROM {image}: not a pinned python slim image"
+        assert tuple(int(x) for x in m.groups()) >= minimum, f"FROM {image} is older than requires-python {spec}"
+
+
+def test_exposed_port_and_healthcheck_url_are_wattsons_default() -> None:
+    port = wattson_default_port()
+    assert instructions("EXPOSE") == [str(port)]
+    env = dict(kv.split("=", 1) for args in instructions("ENV") for kv in shlex.split(args))
+    url = urlsplit(env["WATTSON_HEALTHCHECK_URL"])
+    assert url.port == port and url.path == "/healthz", env["WATTSON_HEALTHCHECK_URL"]
+
+
+def healthcheck_command() -> list[str]:
+    (args,) = instructions("HEALTHCHECK")
+    assert " CMD " in f" {args} ", args
+    command = json.loads(args.split(" CMD ", 1)[1])
+    assert command[0] == "python", command  # the image's interpreter; here, ours
+    return [sys.executable, *command[1:]]
+
+
+@pytest.mark.integration
+def test_healthchecks_pass_against_a_running_daemon_and_fail_without_one(tmp_path: Path) -> None:
+    """The image's HEALTHCHECK and the compose healthcheck of each wattson variant, run for real: exit 0
+    against a serving daemon, non-zero when nothing listens."""
+    image_check = healthcheck_command()
+    compose_checks = {}
+    for name, s in wattson_services().items():
+        assert s["healthcheck"]["test"][:2] == ["CMD", "python"], s["healthcheck"]["test"]
+        compose_checks[name] = [sys.executable, *s["healthcheck"]["test"][2:]]
+    default = f"http://127.0.0.1:{wattson_default_port()}"
+
+    def run(cmd: list[str], base: str) -> int:
+        cmd = [arg.replace(default, base) for arg in cmd]
+        env = {"WATTSON_HEALTHCHECK_URL": f"{base}/healthz"}
+        return subprocess.run(cmd, env=env, capture_output=True, timeout=30).returncode
+
+    with run_wattson(tmp_path, None, "--simulate") as d:
+        assert run(image_check, d.base) == 0
+        for name, cmd in compose_checks.items():
+            assert run(cmd, d.base) == 0, name
+    nobody = f"http://127.0.0.1:{free_port()}"
+    assert run(image_check, nobody) != 0
+    for name, cmd in compose_checks.items():
+        assert run(cmd, nobody) != 0, name
+
+
+def dockerignore_includes(path: str) -> bool:
+    """Whether the build context keeps `path`: the last matching pattern decides, `!` re-includes, and a
+    pattern matching a directory covers what is inside it (Docker's rules)."""
+    keep = True
+    for raw in DOCKERIGNORE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
+        rx = re.escape(pattern).replace(r"\*\*", ".*").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        parts = path.split("/")
+        if any(re.fullmatch(rx, "/".join(parts[:i])) for i in range(1, len(parts) + 1)):
+            keep = negate
+    return keep
+
+
+def test_build_context_holds_what_the_build_needs_and_no_secrets() -> None:
+    """Everything the build stage COPYs and `pip wheel .` reads is in the context; .env (API keys, the
+    Grafana password), the tests and git history are not."""
+    setuptools = pyproject()["tool"]["setuptools"]
+    needed = ["pyproject.toml", pyproject()["project"]["readme"], f"{setuptools['package-dir']['']}/wattson/cli.py"]
+    for args in instructions("COPY"):
+        if args.startswith("--from"):
+            continue
+        needed.extend(shlex.split(args)[:-1])
+    for path in needed:
+        assert dockerignore_includes(path.strip("./") or path), f"{path} is excluded from the build context"
+    for path in (".env", "tests/test_compose.py", ".git/config", "exporter/wattson/__pycache__/cli.cpython-312.pyc"):
+        assert not dockerignore_includes(path), f"{path} would be sent to the Docker daemon"
+
+
+# --- schema ------------------------------------------------------------------------------------------
 
 def _validate(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([_check_jsonschema(), "--builtin-schema", "vendor.compose-spec", str(path)],
+    return subprocess.run([require_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
                           capture_output=True, text=True, timeout=60)
 
 

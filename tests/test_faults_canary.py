@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from tests.daemon import Daemon, get, run_wattson
-from tests.test_faults_support import GridApi, Scraper, simulated_config, wait_for
+from tests.faults_support import GridApi, Scraper, simulated_config, wait_for
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.daemon import run_wattson
-from tests.test_faults_support import (
+from tests.faults_support import (
     STATIC_CARBON,
     STATIC_PRICE,
     Abort,

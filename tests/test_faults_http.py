@@ -15,8 +15,9 @@ import time
 
 import pytest
 
+from bench.common import thread_count
 from tests.daemon import run_wattson
-from tests.test_faults_support import STATIC_GRID, Scraper, rss_mib, simulated_config, thread_count, wait_for
+from tests.faults_support import STATIC_GRID, Scraper, rss_mib, simulated_config, wait_for
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 

@@ -16,15 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_c_compiler
 from tests.daemon import run_wattson
-from tests.fake_libnvml import build_fake_libnvml, fake_nvml_env, gcc_path, write_control
-from tests.test_faults_support import STATIC_GRID, Metrics, Scraper, wait_for
+from tests.fake_libnvml import build_fake_libnvml, fake_nvml_env, write_control
+from tests.faults_support import STATIC_GRID, Metrics, Scraper, wait_for
 
-pytestmark = [
-    pytest.mark.fault,
-    pytest.mark.integration,
-    pytest.mark.skipif(gcc_path() is None, reason="gcc not found: cannot build the fake libnvidia-ml.so.1"),
-]
+pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
 POWER_W = {0: 200.0, 1: 300.0, 2: 400.0}
 INTERVAL = 0.2
@@ -40,6 +37,7 @@ grid:{STATIC_GRID}
 
 @pytest.fixture(scope="module")
 def fake_lib(tmp_path_factory) -> Path:
+    require_c_compiler()
     return build_fake_libnvml(tmp_path_factory.mktemp("fake-libnvml"))
 
 

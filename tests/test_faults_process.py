@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_c_compiler
 from tests.daemon import Daemon, run_wattson
-from tests.fake_libnvml import build_fake_libnvml, fake_nvml_env, gcc_path, write_control
-from tests.test_faults_support import (
+from tests.fake_libnvml import build_fake_libnvml, fake_nvml_env, write_control
+from tests.faults_support import (
     STATIC_GRID,
     GridApi,
     Metrics,
@@ -51,9 +52,9 @@ def test_sigterm_exits_cleanly_under_scrapes(tmp_path):
     assert len(scraper.latencies) > 10
 
 
-@pytest.mark.skipif(gcc_path() is None, reason="gcc not found: cannot build the fake libnvidia-ml.so.1")
 def test_sigterm_exits_quickly_with_hung_gpu_and_hanging_api(tmp_path):
     """A GPU whose NVML calls hang and grid APIs that never answer must not delay the exit past 2 s."""
+    require_c_compiler()
     lib = build_fake_libnvml(tmp_path / "lib")
     control = tmp_path / "nvml.control"
     write_control(control, {"gpus": 2})

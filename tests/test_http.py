@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import re
-import shutil
 import ssl
 import subprocess
 import time
@@ -15,6 +13,8 @@ import urllib.request
 import bcrypt
 import pytest
 
+from bench.common import sample_value, samples
+from tests.conftest import require_tool
 from tests.daemon import get, run_wattson
 
 pytestmark = pytest.mark.integration
@@ -44,11 +44,10 @@ REQUIRED = [
 
 
 def value(text: str, name: str, **labels: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
+    found = sample_value(text, name, **labels)
+    if found is None:
+        raise KeyError(name)
+    return found
 
 
 def test_scrape_over_a_socket_passes_promtool(tmp_path):
@@ -57,13 +56,18 @@ def test_scrape_over_a_socket_passes_promtool(tmp_path):
         first = d.metrics()
         time.sleep(1.0)
         second = d.metrics()
+        parsed = samples(second)
+        names = {s.name for s in parsed}
         for name in REQUIRED:
-            assert re.search(rf"^{name}[{{ ]", second, re.M), f"{name} missing"
+            assert name in names, f"{name} missing"
         # every per-GPU series carries gpu and uuid; the simulation is labelled as such
-        assert 'backend="simulated"' in second
-        for line in second.splitlines():
-            if line.startswith("wattson_gpu_"):
-                assert 'gpu="' in line and 'uuid="' in line, line
+        assert any(s.labels.get("backend") == "simulated" for s in parsed if s.name == "wattson_gpu_info")
+        for s in parsed:
+            if s.name.startswith("wattson_gpu_"):
+                assert "gpu" in s.labels and "uuid" in s.labels, s
+        assert {s.name for s in parsed if s.name.startswith("process_")} >= {
+            "process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
+            "process_start_time_seconds"}
         # counters rise, and the cost is energy x price
         e1 = value(first, "wattson_gpu_energy_joules_total", gpu="0")
         e2 = value(second, "wattson_gpu_energy_joules_total", gpu="0")
@@ -72,14 +76,9 @@ def test_scrape_over_a_socket_passes_promtool(tmp_path):
         assert cost == pytest.approx(e2 / 3.6e6 * 0.25, rel=1e-9)
         grams = value(second, "wattson_gpu_co2e_grams_total", gpu="0")
         assert grams == pytest.approx(e2 / 3.6e6 * 380, rel=1e-9)
-        # no timestamps on samples: every sample line is `name{labels} value`
-        for line in second.splitlines():
-            if line and not line.startswith("#"):
-                rest = line.rsplit("}", 1)[1] if "}" in line else line.split(" ", 1)[1]
-                assert len(rest.split()) == 1, line
-        promtool = shutil.which("promtool")
-        if promtool is None:
-            pytest.fail("promtool not installed: .ci/run installs Debian's prometheus package")
+        # no timestamps on samples
+        assert all(s.timestamp is None for s in parsed)
+        promtool = require_tool("promtool")
         check = subprocess.run([promtool, "check", "metrics"], input=second, capture_output=True, text=True)
         assert check.returncode == 0 and check.stdout.strip() == "" and check.stderr.strip() == "", \
             check.stdout + check.stderr
@@ -108,9 +107,8 @@ def https_get(url: str, ctx: ssl.SSLContext, authorization: str | None = None) -
 
 
 def test_web_config_file_puts_the_daemon_behind_tls_and_basic_auth(tmp_path):
-    if shutil.which("openssl") is None:
-        pytest.fail("openssl not installed: .ci/run installs it")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+    openssl = require_tool("openssl")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                     "-days", "2", "-keyout", "server.key", "-out", "server.crt", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=IP:127.0.0.1"],
                    cwd=tmp_path, check=True, capture_output=True, timeout=30)

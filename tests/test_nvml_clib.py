@@ -14,12 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_libnvml import PROBE, build_fake_libnvml, fake_nvml_env, gcc_path, write_control
+from tests.conftest import require_c_compiler
+from tests.fake_libnvml import PROBE, build_fake_libnvml, fake_nvml_env, write_control
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(gcc_path() is None, reason="gcc not found: cannot build the fake libnvidia-ml.so.1"),
-]
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_790_000_000.0  # frozen time of the fake driver: energies are predictable to the millijoule
@@ -28,6 +26,7 @@ ORIGIN = NOW - 10_000.0  # counters started 10 000 s earlier
 
 @pytest.fixture(scope="module")
 def fake_lib(tmp_path_factory) -> Path:
+    require_c_compiler()
     return build_fake_libnvml(tmp_path_factory.mktemp("fake-libnvml"))
 
 

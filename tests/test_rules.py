@@ -1,14 +1,14 @@
 """Checks of the shipped Prometheus and Alertmanager configuration, the rules and their promtool tests.
 
-The static checks (names, labels, annotations, test coverage) run everywhere; the ones marked
-`integration` run promtool and amtool, which `.ci/run` installs from Debian.
+The static checks (names, labels, annotations, test coverage, wiring) run everywhere; the ones marked
+`integration` run promtool, amtool and Prometheus, which `.ci/run` installs from Debian. Without them
+those tests are skipped, except under CI=true, where they fail (tests.conftest.require_tool).
 """
 
 from __future__ import annotations
 
 import functools
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,15 +18,16 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import require_tool
 from tests.promstack import (
-    PROMETHEUS_BINARY,
     alerts,
     free_port,
     query,
     rules,
+    shipped_rule_files,
     start_prometheus,
     targets,
-    wait_until,
+    wait_for,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +146,10 @@ def test_test_files_load_the_shipped_rules() -> None:
 
 
 def test_prometheus_yml_scrapes_wattson_and_itself_with_the_shipped_rules() -> None:
+    """Every shipped rule file is loaded; the wattson job's file_sd targets exist and sit on wattson's
+    default port; alerts go to a service of the compose stack on the port it listens on."""
+    from wattson.config import WebConfig, parse_listen_address
+
     cfg = load(PROM / "prometheus.yml")
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
     assert set(jobs) >= {"wattson", "prometheus"}, f"prometheus.yml: jobs {sorted(jobs)}"
@@ -154,10 +159,15 @@ def test_prometheus_yml_scrapes_wattson_and_itself_with_the_shipped_rules() -> N
     sd_files = [f for sd in jobs["wattson"]["file_sd_configs"] for f in sd["files"]]
     matched = [p for pattern in sd_files for p in PROM.glob(pattern)]
     assert matched, f"prometheus.yml: file_sd patterns {sd_files} match no file under prometheus/"
+    port = parse_listen_address(WebConfig().listen_address)[1]
     targets = [t for p in matched for entry in load(p) for t in entry["targets"]]
-    assert all(t.endswith(":9874") for t in targets), f"file_sd targets not on port 9874: {targets}"
-    am = cfg["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
-    assert am == ["alertmanager:9093"], f"prometheus.yml: alertmanager targets {am}"
+    assert targets and all(t.endswith(f":{port}") for t in targets), f"file_sd targets not on port {port}: {targets}"
+    services = load(ROOT / "docker-compose.yml")["services"]
+    for am in (t for a in cfg["alerting"]["alertmanagers"] for sc in a["static_configs"] for t in sc["targets"]):
+        host, am_port = am.rsplit(":", 1)
+        assert host in services, f"prometheus.yml: alertmanager {am} is not a compose service"
+        listen = [a.split("=", 1)[1] for a in services[host]["command"] if a.startswith("--web.listen-address=")]
+        assert listen and listen[0].rsplit(":", 1)[1] == am_port, f"{am}: {host} listens on {listen}"
 
 
 def test_accounting_group_interval_is_below_the_lookback() -> None:
@@ -173,33 +183,26 @@ def test_accounting_group_interval_is_below_the_lookback() -> None:
 
 # --- promtool / amtool -----------------------------------------------------------------------------
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} not installed (Debian: apt-get install prometheus prometheus-alertmanager)")
-    return path
-
-
 def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=PROMTOOL_TIMEOUT_SECONDS, cwd=ROOT)
 
 
 @pytest.mark.integration
 def test_promtool_check_config() -> None:
-    res = _run([_tool("promtool"), "check", "config", str(PROM / "prometheus.yml")])
+    res = _run([require_tool("promtool"), "check", "config", str(PROM / "prometheus.yml")])
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 @pytest.mark.integration
 def test_promtool_check_rules() -> None:
-    res = _run([_tool("promtool"), "check", "rules", str(RECORDING), str(ALERTS)])
+    res = _run([require_tool("promtool"), "check", "rules", *map(str, shipped_rule_files())])
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 @pytest.fixture(scope="module")
 def promtool_test_results() -> dict[Path, Completed]:
     """Run every promtool test file at once: the month-boundary file alone takes most of the time."""
-    promtool = _tool("promtool")
+    promtool = require_tool("promtool")
     with ThreadPoolExecutor(max_workers=len(TEST_FILES)) as pool:
         futures = {p: pool.submit(_run, [promtool, "test", "rules", str(p)]) for p in TEST_FILES}
         return {p: f.result() for p, f in futures.items()}
@@ -236,7 +239,7 @@ tests:
 def test_promtool_catches_a_today_that_ignores_midnight(tmp_path: Path) -> None:
     """The day-boundary check is not vacuous: it passes with the shipped rules and fails when
     "today" forgets to keep only the current UTC date."""
-    promtool = _tool("promtool")
+    promtool = require_tool("promtool")
     rules = RECORDING.read_text()
     broken = rules.replace("and on (utc_date) global:wattson_utc_period:info", "")
     assert broken != rules
@@ -256,7 +259,7 @@ def test_promtool_catches_a_today_that_ignores_midnight(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_amtool_check_config() -> None:
-    res = _run([_tool("amtool"), "check-config", str(PROM / "alertmanager.yml")])
+    res = _run([require_tool("amtool"), "check-config", str(PROM / "alertmanager.yml")])
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -264,8 +267,6 @@ def test_amtool_check_config() -> None:
 def test_shipped_rules_load_in_a_real_prometheus_with_wattson_down(tmp_path: Path) -> None:
     """Every group loads and evaluates with health "ok" even with no wattson data at all, the
     wattson target shows as down, and the shipped alerts are all there."""
-    if not Path(PROMETHEUS_BINARY).exists():
-        pytest.skip(f"{PROMETHEUS_BINARY} not installed (Debian: apt-get install prometheus)")
     nobody = f"127.0.0.1:{free_port()}"  # nothing listens there
     with start_prometheus(tmp_path, wattson_target=nobody, scrape_interval="1s", alert_for="0s") as prom:
         def evaluated() -> list[dict[str, Any]]:
@@ -273,20 +274,20 @@ def test_shipped_rules_load_in_a_real_prometheus_with_wattson_down(tmp_path: Pat
             done = all(r["health"] != "unknown" for g in groups for r in g["rules"])
             return groups if groups and done else []
 
-        groups = wait_until(evaluated, timeout=30, what="every rule evaluated once")
+        groups = wait_for("every rule evaluated once", evaluated, timeout=30)
         assert {g["name"] for g in groups} == {g["name"] for p in (*RECORDING_FILES, ALERTS) for g in load(p)["groups"]}
         bad = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"] if r["health"] != "ok"]
         assert not bad, f"rules not healthy: {bad}"
         assert all(g["interval"] == 1 for g in groups), [(g["name"], g["interval"]) for g in groups]
         loaded_alerts = {r["name"] for g in groups for r in g["rules"] if r["type"] == "alerting"}
         assert loaded_alerts == {r["alert"] for r in alert_rules()}
-        up = wait_until(lambda: query(prom.base, 'up{job="wattson"}'), what='up{job="wattson"}')
+        up = wait_for('up{job="wattson"}', lambda: query(prom.base, 'up{job="wattson"}'), timeout=30)
         assert [s["metric"]["instance"] for s in up] == [nobody] and up[0]["value"][1] == "0"
         def scraped() -> dict[str, str]:
             jobs = {t["labels"]["job"]: t["health"] for t in targets(prom.base)}
             return jobs if "unknown" not in jobs.values() else {}
 
-        jobs = wait_until(scraped, what="both targets scraped")
+        jobs = wait_for("both targets scraped", scraped, timeout=30)
         assert jobs == {"wattson": "down", "prometheus": "up"}, jobs
         # With `for` shortened to 0s the down target fires WattsonDown at once and, once the first
         # scrape has put up{job="wattson"} there, nothing else (WattsonAbsent may flash before it).
@@ -294,7 +295,7 @@ def test_shipped_rules_load_in_a_real_prometheus_with_wattson_down(tmp_path: Pat
             return {(a["labels"]["alertname"], a["labels"].get("instance")) for a in alerts(prom.base)
                     if a["state"] == "firing"}
 
-        wait_until(lambda: firing() == {("WattsonDown", nobody)}, what="only WattsonDown firing")
+        wait_for("only WattsonDown firing", lambda: firing() == {("WattsonDown", nobody)}, timeout=30)
         # The calendar helper needs no data at all.
         period = query(prom.base, "global:wattson_utc_period:info")
         assert len(period) == 1 and set(period[0]["metric"]) >= {"utc_date", "utc_month"}

@@ -209,3 +209,47 @@ def test_every_gpu_of_a_round_is_priced_from_the_grid_as_it_stood_when_the_round
     sampler.sample_round()
     costs = [dict(g.account.cost)["EUR"] for g in sampler.snapshot.gpus]
     assert costs == [pytest.approx(0.004)] * 3
+
+
+def test_the_sampling_loop_marks_a_hung_gpu_within_the_timeout_and_keeps_its_pace_for_the_others():
+    class WallClock:  # the loop runs on its own schedule, in real time
+        def time(self) -> float:
+            return time.time()
+
+        def monotonic(self) -> float:
+            return time.monotonic()
+
+    gpus = [ConstantGpu(i, WallClock(), 100) for i in range(3)]
+    backend = ListBackend(gpus)
+    before = set(threading.enumerate())
+    sampler = Sampler(backend, interval_seconds=0.05, gpu_timeout_seconds=0.2)
+    sampler.start_backend()
+    sampler.start()
+    try:
+        deadline = time.monotonic() + 2
+        while sampler.snapshot.seq < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        release = threading.Event()
+        gpus[1].hang = release
+        hung_at = time.monotonic()
+        while by_index(sampler)[1].up:
+            assert time.monotonic() - hung_at < 0.2 + 0.05 + 0.2, "hang not detected within timeout + a watch"
+            time.sleep(0.005)
+        seq = sampler.snapshot.seq
+        time.sleep(0.5)
+        assert sampler.snapshot.seq - seq >= 5  # ~10 rounds at 20 Hz: the loop kept its pace
+        assert by_index(sampler)[0].up and by_index(sampler)[2].up and not by_index(sampler)[1].up
+        assert dict(by_index(sampler)[1].errors)["hung"] == 1
+        release.set()
+        gpus[1].hang = None
+        deadline = time.monotonic() + 2
+        while not by_index(sampler)[1].up:
+            assert time.monotonic() < deadline, "GPU 1 did not come back after its call returned"
+            time.sleep(0.01)
+        deadline = time.monotonic() + 2
+        while sorted(t.name for t in set(threading.enumerate()) - before) != ["sampler-2", "sampler-watchdog"]:
+            assert time.monotonic() < deadline, "the abandoned loop thread did not exit after its call returned"
+            time.sleep(0.01)
+    finally:
+        sampler.stop()

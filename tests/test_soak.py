@@ -26,23 +26,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import run_wattson
-from tests.fake_libnvml import build_fake_libnvml, fake_nvml_env, gcc_path, write_control
-from tests.test_faults_support import (
-    GridApi,
-    Metrics,
-    Scraper,
-    fit_slope,
-    grid_config,
-    rss_mib,
-    thread_count,
-)
+from bench.common import thread_count
+from tests.conftest import require_c_compiler
+from tests.daemon import get, run_wattson
+from tests.fake_libnvml import build_fake_libnvml, fake_nvml_env, write_control
+from tests.faults_support import GridApi, Metrics, Scraper, fit_slope, grid_config, rss_mib
 
-pytestmark = [
-    pytest.mark.soak,
-    pytest.mark.integration,
-    pytest.mark.skipif(gcc_path() is None, reason="gcc not found: cannot build the fake libnvidia-ml.so.1"),
-]
+pytestmark = [pytest.mark.soak, pytest.mark.integration]
 
 DURATION_SECONDS = float(os.environ.get("WATTSON_SOAK_SECONDS", "600"))
 WARMUP_SECONDS = min(60.0, DURATION_SECONDS / 5)
@@ -148,8 +138,6 @@ class Injector(threading.Thread):
 
 def _hammer(base: str, stop: threading.Event, latencies: list[float], failures: list[str]) -> None:
     """A scraper that does not parse: pure load on the HTTP path."""
-    from tests.daemon import get
-
     while not stop.is_set():
         t0 = time.monotonic()
         try:
@@ -173,6 +161,7 @@ def _energy_check(first: Metrics, last: Metrics, gpu: int) -> tuple[float, float
 
 
 def test_soak(tmp_path):
+    require_c_compiler()
     report = SoakReport(machine=f"{platform.machine()} {os.cpu_count()} CPUs {platform.platform()}",
                         python=platform.python_version())
     lib = build_fake_libnvml(tmp_path / "lib")

@@ -1,8 +1,8 @@
 """The web config (TLS, client certificates, basic auth, headers, certificate reload) over real connections.
 
-A throwaway CA, server and client certificates are made at test time with the openssl CLI (or the
-`cryptography` package where openssl is missing). Requests go to wattson's own WattsonHTTPServer on
-127.0.0.1:0, so the per-connection TLS handshake and the 401 with its realm are the real ones.
+A throwaway CA, server and client certificates are made at test time with the openssl CLI. Requests go to
+wattson's own WattsonHTTPServer on 127.0.0.1:0, so the per-connection TLS handshake and the 401 with its
+realm are the real ones.
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import datetime
 import http.client
-import ipaddress
 import logging
 import os
 import re
@@ -28,6 +26,7 @@ from typing import Any
 import bcrypt
 import pytest
 
+from tests.conftest import require_tool
 from wattson import webconfig, yamlfile
 from wattson.snapshot import EMPTY
 from wattson.web import WattsonHTTPServer
@@ -78,65 +77,6 @@ def make_pki_openssl(d: Path) -> dict[str, Path]:
     return _pki_paths(d)
 
 
-def make_pki_cryptography(d: Path) -> dict[str, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def key_pem(key: Any, password: bytes | None = None) -> bytes:
-        enc = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
-
-    def build(cn: str, key: Any, issuer_cn: str, issuer_key: Any, ca: bool, usage: Any = None,
-              san: list[Any] | None = None) -> Any:
-        b = (x509.CertificateBuilder()
-             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_cn)]))
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-                            critical=False))
-        if ca:
-            b = b.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), True)
-        if usage is not None:
-            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        if san:
-            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return b.sign(issuer_key, hashes.SHA256())
-
-    def new_key() -> Any:
-        return ec.generate_private_key(ec.SECP256R1())
-
-    ca_key = new_key()
-    ca = build("wattson test CA", ca_key, "wattson test CA", ca_key, True)
-    files: dict[str, bytes] = {"ca.crt": ca.public_bytes(serialization.Encoding.PEM), "ca.key": key_pem(ca_key)}
-    for name, usage, san in (
-            ("server", ExtendedKeyUsageOID.SERVER_AUTH,
-             [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            ("server2", ExtendedKeyUsageOID.SERVER_AUTH,
-             [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            ("client", ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("prometheus.test")])):
-        k = new_key()
-        files[f"{name}.key"] = key_pem(k)
-        files[f"{name}.crt"] = build(name, k, "wattson test CA", ca_key, False, usage, san).public_bytes(
-            serialization.Encoding.PEM)
-        if name == "server":
-            files["enc.key"] = key_pem(k, b"test-passphrase")
-    rogue_key = new_key()
-    files["rogue.key"] = key_pem(rogue_key)
-    files["rogue.crt"] = build("rogue", rogue_key, "rogue", rogue_key, False,
-                               ExtendedKeyUsageOID.CLIENT_AUTH).public_bytes(serialization.Encoding.PEM)
-    files["other.key"] = key_pem(new_key())
-    for name, data in files.items():
-        (d / name).write_bytes(data)
-    return _pki_paths(d)
-
-
 def _pki_paths(d: Path) -> dict[str, Path]:
     (d / "junk.pem").write_text("this is not PEM at all\n")
     (d / "corrupt.crt").write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
@@ -145,22 +85,11 @@ def _pki_paths(d: Path) -> dict[str, Path]:
     return {n.replace(".", "_"): d / n for n in names} | {"dir": d}
 
 
-def _have_cryptography() -> bool:
-    try:
-        import cryptography.x509  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("pki")
-    if shutil.which("openssl"):
-        return make_pki_openssl(d)
-    if _have_cryptography():
-        return make_pki_cryptography(d)
-    pytest.skip("neither the openssl CLI nor the cryptography package is available to make test certificates")
+    require_tool("openssl")
+    return make_pki_openssl(tmp_path_factory.mktemp("pki"))
 
 
 def fill(text: str, paths: dict[str, Any]) -> str:
@@ -421,19 +350,6 @@ def test_empty_file_and_empty_sections_mean_plain_http(tmp_path: Path) -> None:
         sec = load_web_config(write_config(tmp_path, text))
         assert sec.ssl_context is None and not sec.auth_required()
 
-
-@pytest.mark.skipif(not _have_cryptography(), reason="the cryptography package is not installed")
-def test_cryptography_fallback_pki_works(tmp_path: Path) -> None:
-    pki = make_pki_cryptography(tmp_path)
-    cfg = TLS + "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {ca_crt}\n"
-    sec = load_web_config(write_config(tmp_path, cfg, **pki))
-    with serve(sec) as port:
-        assert get(port, client_context(pki, "client")).status == 200
-    with pytest.raises(WebConfigError, match="encrypted"):
-        load_web_config(write_config(tmp_path, TLS.replace("server_key", "enc_key"), **pki))
-
-
-# --- certificate reload ---------------------------------------------------------------------------
 
 def der(cert: Path) -> bytes:
     return ssl.PEM_cert_to_DER_cert(cert.read_text())
@@ -873,8 +789,8 @@ def test_documented_example_works(pki: dict[str, Path], tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
 def test_promtool_accepts_the_documented_example(pki: dict[str, Path], tmp_path: Path) -> None:
+    promtool = require_tool("promtool")
     path = docs_example(pki, tmp_path)
-    run = subprocess.run(["promtool", "check", "web-config", str(path)], capture_output=True, text=True, timeout=30)
+    run = subprocess.run([promtool, "check", "web-config", str(path)], capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stdout + run.stderr

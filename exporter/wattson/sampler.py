@@ -123,21 +123,76 @@ class GpuState:
 
 
 class _Round:
-    """The GPUs one round reads, in order, and how far its current reader got. Guarded by `lock`."""
+    """The GPUs one round reads, in order, and how far its current reader got. Guarded by `lock`.
 
-    def __init__(self, gpus: list[GpuState], tariff: Tariff, workloads: WorkloadAccounting | None) -> None:
+    Whichever thread reads a round, a read that outlives the timeout is taken over the same way: its GPU is
+    marked hung and skipped, and another thread carries on with the next GPU (`take_over`)."""
+
+    def __init__(self, gpus: list[GpuState], tariff: Tariff, workloads: WorkloadAccounting | None,
+                 grid: GridSignals, budgets: Budgets | None, started: float) -> None:
         self.gpus = gpus
         self.tariff = tariff
         self.workloads = workloads
+        self.grid = grid
+        self.budgets = budgets
+        self.started = started
         self.position = 0  # the next GPU to read
         self.read_started: float | None = None  # monotonic start of the driver call in progress
-        self.reader: _Reader | None = None  # the reader whose results count; others were abandoned
+        self.reader: object | None = None  # the reader whose results count; others were abandoned
         self.lock = threading.Lock()
         self.done = threading.Event()
 
+    def read(self, reader: object) -> bool:
+        """Read the GPUs from the current position on; False once `reader` was abandoned (its result of
+        the hung read is then dropped: the GPU is read again next round, and its counter loses nothing)."""
+        while True:
+            with self.lock:
+                if self.reader is not reader:
+                    return False
+                if self.position >= len(self.gpus):
+                    self.done.set()
+                    return True
+                gpu = self.gpus[self.position]
+                self.read_started = gpu.read_since = time.monotonic()
+            outcome = gpu.read()
+            with self.lock:
+                gpu.read_since = None
+                if self.reader is not reader:
+                    return False
+                self.read_started = None
+                self.position += 1
+            try:
+                gpu.record(outcome, self.tariff, self.workloads)
+            except Exception:  # accounting must never stop the round for the other GPUs
+                log.exception("accounting a GPU reading failed", extra=kv(gpu=gpu.identity.index))
+
+    def seconds_to_overdue(self, timeout: float) -> float:
+        """How long the read in progress may still take (`timeout` when none is in progress)."""
+        started = self.read_started
+        return timeout if started is None else started + timeout - time.monotonic()
+
+    def take_over(self, timeout: float) -> GpuState | None:
+        """If the read in progress outlived `timeout`: abandon its reader, skip its GPU and return it
+        (marked down); the caller then hands the rest of the round to another reader. None while the
+        reads keep their time."""
+        with self.lock:
+            started = self.read_started
+            if self.done.is_set() or started is None or time.monotonic() - started <= timeout:
+                return None
+            hung = self.gpus[self.position]
+            self.position += 1
+            self.read_started = None
+            self.reader = None
+        hung.mark_hung()
+        return hung
+
+    def hand_to(self, reader: object) -> None:
+        with self.lock:
+            self.reader = reader
+
 
 class _Reader:
-    """A thread that reads the GPUs of the rounds it is given. It is abandoned, never reused, once a
+    """A thread that reads the rounds `Sampler.sample_round()` hands it. Abandoned, never reused, once a
     driver call hangs in it: it then only leaves the driver, drops that result and exits."""
 
     def __init__(self, name: str) -> None:
@@ -166,31 +221,8 @@ class _Reader:
                     return
                 rnd, self._round = self._round, None
             assert rnd is not None
-            if not self._read(rnd):
+            if not rnd.read(self):
                 return
-
-    def _read(self, rnd: _Round) -> bool:
-        """Read the round's GPUs from its current position; False once this reader was abandoned."""
-        while True:
-            with rnd.lock:
-                if rnd.reader is not self:
-                    return False
-                if rnd.position >= len(rnd.gpus):
-                    rnd.done.set()
-                    return True
-                gpu = rnd.gpus[rnd.position]
-                rnd.read_started = gpu.read_since = time.monotonic()
-            outcome = gpu.read()
-            with rnd.lock:
-                gpu.read_since = None
-                if rnd.reader is not self:
-                    return False  # declared hung meanwhile: the result is dropped, the GPU is read next round
-                rnd.read_started = None
-                rnd.position += 1
-            try:
-                gpu.record(outcome, rnd.tariff, rnd.workloads)
-            except Exception:  # accounting must never stop the round for the other GPUs
-                log.exception("accounting a GPU reading failed", extra=kv(gpu=gpu.identity.index))
 
 
 class Sampler:
@@ -213,7 +245,9 @@ class Sampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._readers = 0
-        self._reader: _Reader | None = None
+        self._reader: _Reader | None = None  # serves sample_round(); the loop reads in its own thread
+        self._loops = 0
+        self._current: _Round | None = None  # the loop's round in progress, watched for hung reads
         self._retry_initial, self._retry_max = init_retry
         self._retry_delay = self._retry_initial
         self._next_reinit = 0.0
@@ -237,7 +271,7 @@ class Sampler:
     def start_backend(self) -> None:
         """First initialisation; BackendUnavailable propagates so the CLI can exit 2."""
         devices = self.backend.start()
-        self.gpus = [GpuState(d, self.max_power_watts) for d in devices]
+        self.gpus = sorted((GpuState(d, self.max_power_watts) for d in devices), key=lambda g: g.identity.index)
         log.info("GPUs found", extra=kv(backend=self.backend.name, count=len(devices)))
 
     def _reinit(self) -> None:
@@ -265,12 +299,13 @@ class Sampler:
                 gpu.replace_device(device)
             else:
                 self.gpus.append(GpuState(device, self.max_power_watts))
+        self.gpus.sort(key=lambda g: g.identity.index)
         self._retry_delay = self._retry_initial
         self._backend_down = False
         log.info("GPU backend re-initialised", extra=kv(count=len(devices)))
 
-    def sample_round(self) -> Snapshot:
-        """One round: read every GPU (one reader, each read bounded by the timeout) and publish a snapshot."""
+    def _begin(self) -> _Round:
+        """Start a round: re-initialise the backend if asked, take the grid as it stands, pick the GPUs."""
         started = time.monotonic()
         if self._backend_down or any(g.reinit_requested for g in self.gpus):
             self._reinit()
@@ -287,76 +322,95 @@ class Sampler:
                         g.mark_hung()
                     continue
                 to_read.append(g)
-        if to_read:
-            self._read(_Round(to_read, Tariff(grid, self.clock()), self.workloads))
-        return self._publish(time.monotonic() - started, grid, budgets)
+        return _Round(to_read, Tariff(grid, self.clock()), self.workloads, grid, budgets, started)
 
-    def _read(self, rnd: _Round) -> None:
-        """Hand the round to the reader and wait; replace the reader whenever a read outlives the timeout."""
-        reader = self._reader or self._new_reader()
-        rnd.reader = reader
-        reader.submit(rnd)
-        timeout = self.gpu_timeout_seconds
-        wait = timeout
-        while not rnd.done.wait(wait):
-            with rnd.lock:
-                if rnd.done.is_set():
-                    break
-                started = rnd.read_started
-                overdue = 0.0 if started is None else time.monotonic() - started - timeout
-                if started is None or overdue < 0:
-                    wait = timeout if started is None else -overdue
-                    continue
-                hung = rnd.gpus[rnd.position]
-                rnd.position += 1
-                rnd.read_started = None
-                reader = self._new_reader()
-                rnd.reader = reader
-            hung.mark_hung()
+    def sample_round(self) -> Snapshot:
+        """One round now, outside the sampling loop (tests, benchmarks): the reads run on a reader thread,
+        and the caller takes the round over from it when a read hangs, so a hung GPU costs it
+        gpu_timeout_seconds at most."""
+        rnd = self._begin()
+        if rnd.gpus:
+            timeout = self.gpu_timeout_seconds
+            reader = self._reader or self._new_reader()
+            rnd.hand_to(reader)
             reader.submit(rnd)
-            wait = timeout
+            while not rnd.done.wait(max(0.0, rnd.seconds_to_overdue(timeout))):
+                if rnd.take_over(timeout) is not None:  # the rest of the round goes to a fresh reader
+                    reader = self._new_reader()
+                    rnd.hand_to(reader)
+                    reader.submit(rnd)
+        return self._finish(rnd)
 
     def _new_reader(self) -> _Reader:
         self._readers += 1
         self._reader = _Reader(f"gpu-reader-{self._readers}")
         return self._reader
 
-    def _publish(self, duration: float, grid: GridSignals, budgets: Budgets | None) -> Snapshot:
+    def _finish(self, rnd: _Round) -> Snapshot:
         now = self.clock()
         self._seq += 1
-        signals, sources = grid.now(now)
+        signals, sources = rnd.grid.now(now)
         self.snapshot = Snapshot(
             seq=self._seq,
             timestamp=now,
-            duration_seconds=duration,
+            duration_seconds=time.monotonic() - rnd.started,
             backend=self.backend.name,
             ready=True,
-            gpus=tuple(g.snapshot for g in sorted(self.gpus, key=lambda g: g.identity.index)),
+            gpus=tuple(g.snapshot for g in self.gpus),
             signals=signals,
             sources=sources,
-            pue=grid.pue,
-            budgets=budgets,
+            pue=rnd.grid.pue,
+            budgets=rnd.budgets,
             workloads=self.workloads.snapshot(now) if self.workloads is not None else None,
         )
         return self.snapshot
 
-    def _run(self) -> None:
-        interval = self.interval_seconds
+    # -- the sampling loop -----------------------------------------------------------------------------
+    # The loop thread reads the GPUs itself, so a round costs one timer wake-up. A watchdog looks at the
+    # round in progress a few times per gpu_timeout_seconds; when a read has outlived the timeout it marks
+    # the GPU hung and starts a new loop thread that finishes the round and carries on. The stuck thread
+    # leaves the driver whenever its call returns, drops its result and exits.
+
+    def start(self) -> None:
+        self._start_loop(None)
+        threading.Thread(target=self._watch, name="sampler-watchdog", daemon=True).start()
+
+    def _start_loop(self, resume: _Round | None) -> None:
+        self._loops += 1
+        reader = object()
+        if resume is not None:
+            resume.hand_to(reader)
+        thread = threading.Thread(target=self._loop, args=(reader, resume), daemon=True,
+                                  name="sampler" if self._loops == 1 else f"sampler-{self._loops}")
+        self._thread = thread
+        thread.start()
+
+    def _loop(self, reader: object, resume: _Round | None) -> None:
+        rnd = resume
         next_tick = time.monotonic()
         while not self._stop.is_set():
             try:
-                self.sample_round()
+                if rnd is None:
+                    rnd = self._begin()
+                    rnd.hand_to(reader)
+                    self._current = rnd
+                if not rnd.read(reader):
+                    return  # abandoned inside a hung driver call: the watchdog's new loop carries on
+                self._finish(rnd)
             except Exception:
                 log.exception("sampling round failed")
-            next_tick += interval
+            rnd = None
+            next_tick += self.interval_seconds
             now = time.monotonic()
             if next_tick < now:  # fell behind (slow round): skip missed ticks, stay on the grid
-                next_tick += interval * ((now - next_tick) // interval + 1)
+                next_tick += self.interval_seconds * ((now - next_tick) // self.interval_seconds + 1)
             self._stop.wait(next_tick - now)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
-        self._thread.start()
+    def _watch(self) -> None:
+        while not self._stop.wait(self.gpu_timeout_seconds / 4):
+            rnd = self._current
+            if rnd is not None and rnd.take_over(self.gpu_timeout_seconds) is not None:
+                self._start_loop(rnd)
 
     def request_stop(self) -> None:
         self._stop.set()

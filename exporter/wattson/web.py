@@ -23,6 +23,7 @@ from typing import Any
 
 from . import __version__
 from .exposition import Exposition
+from .logfmt import kv
 from .snapshot import Snapshot
 from .webconfig import WebSecurity
 
@@ -104,7 +105,7 @@ class WattsonHTTPServer(ThreadingHTTPServer):
                     # get() per connection: rotated certificate files serve from the next handshake on
                     request = tls.get().wrap_socket(raw, server_side=True)  # handshake in this thread
                 except (ssl.SSLError, OSError) as exc:
-                    log.debug("TLS handshake failed", extra={"kv": {"client": client_address[0], "err": exc}})
+                    log.debug("TLS handshake failed", extra=kv(client=client_address[0], err=exc))
                     self.shutdown_request(raw)
                     return
                 finally:
@@ -116,7 +117,7 @@ class WattsonHTTPServer(ThreadingHTTPServer):
             self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("connection error", extra={"kv": {"client": client_address[0]}})
+        log.debug("connection error", extra=kv(client=client_address[0]))
 
     @property
     def port(self) -> int:

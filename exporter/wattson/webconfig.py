@@ -40,6 +40,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import ErrorDetails
 
 from . import yamlfile
+from .logfmt import kv
 
 log = logging.getLogger("wattson.webconfig")
 
@@ -365,10 +366,10 @@ class TlsContextSource:
             except Exception as exc:  # whatever broke, keep serving with the old pair
                 self._failed = signature
                 log.warning("TLS files changed but do not load; still serving the previous certificate",
-                            extra={"kv": {"err": str(exc) if isinstance(exc, WebConfigError) else type(exc).__name__}})
+                            extra=kv(err=str(exc) if isinstance(exc, WebConfigError) else type(exc).__name__))
                 return self._context
             self._context, self._signature, self._failed = context, signature, None
-            log.info("TLS certificate reloaded", extra={"kv": {"files": ",".join(map(str, self.files))}})
+            log.info("TLS certificate reloaded", extra=kv(files=",".join(map(str, self.files))))
             return context
         finally:
             self._lock.release()
@@ -532,7 +533,7 @@ class _TlsBuilder:
             raise self.fail("client_ca_file", f"required when client_auth_type is {mode}")
         if self.min_version < ssl.TLSVersion.TLSv1_2:
             log.warning("web config allows TLS older than 1.2; OpenSSL may refuse it anyway",
-                        extra={"kv": {"file": self.source}})
+                        extra=kv(file=self.source))
 
     @property
     def min_version(self) -> ssl.TLSVersion:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..logfmt import kv
 from .base import ERROR_REASONS, FetchResult, GridSource, Interval, Signal, SourceError
 from .http import redact
 
@@ -192,8 +193,8 @@ class SignalChain:
         self._next_poll[i] = now + max(1.0, min(delay, self.poll_interval(source)))
         status = SourceStatus(source.name, True, dict(self._errors[i]), now, None)
         self._publish(i, status, cache)
-        log.debug("source fetched", extra={"kv": {"source": source.name, "signal": self.signal,
-                                                  "intervals": len(cache.intervals)}})
+        log.debug("source fetched", extra=kv(source=source.name, signal=self.signal,
+                                             intervals=len(cache.intervals)))
 
     def _validate(self, source: GridSource, cache: SourceCache) -> None:
         if not cache.intervals:
@@ -225,9 +226,8 @@ class SignalChain:
         prev = self.state.statuses[i]
         status = SourceStatus(source.name, False, dict(self._errors[i]), prev.last_success, message)
         self._publish(i, status, None)
-        log.warning("source fetch failed", extra={"kv": {"source": source.name, "signal": self.signal,
-                                                         "reason": reason, "err": message,
-                                                         "retry_in_seconds": round(delay, 1)}})
+        log.warning("source fetch failed", extra=kv(source=source.name, signal=self.signal, reason=reason,
+                                                    err=message, retry_in_seconds=round(delay, 1)))
 
     def _publish(self, i: int, status: SourceStatus, cache: SourceCache | None) -> None:
         with self._lock:

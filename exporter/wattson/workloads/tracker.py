@@ -128,14 +128,14 @@ class WorkloadTracker:
             method, shares = self.split(step, charge, reading)
         except Exception:
             log.exception("workload attribution failed; step charged to unattributed",
-                          extra={"kv": {"gpu": gpu_index, "uuid": uuid}})
+                          extra=kv(gpu=gpu_index, uuid=uuid))
             method, shares = METHOD_UNATTRIBUTED, [StepShare(ATTRIBUTION_ERROR, step.joules, charge.cost,
                                                              charge.co2e_grams)]
         try:
             self._record(gpu_index, uuid, method, shares, self.clock())
         except Exception:  # e.g. a non-finite amount: the GPU's own accounting must go on regardless
             log.exception("workload accounting failed; step not charged to workloads",
-                          extra={"kv": {"gpu": gpu_index, "uuid": uuid}})
+                          extra=kv(gpu=gpu_index, uuid=uuid))
 
     def split(self, step: EnergyStep, charge: StepCharge, reading: GpuReading) -> tuple[str, list[StepShare]]:
         """The attribution method and every workload's exact part of the step. Shares add up exactly

@@ -1,66 +1,55 @@
 """Shared machinery of the fault suite (tests/test_faults_*.py) and the soak run (tests/test_soak.py).
 
-Holds no tests. Everything here drives the real daemon from the outside: a programmable stand-in
-for the grid APIs on 127.0.0.1, a background scraper that checks every scrape (status, latency,
-counters never decreasing), an exposition parser, and readers for the daemon's RSS.
+Holds no tests. Everything here drives the real daemon from the outside: programmable stand-ins for
+the grid APIs (built on bench.gridfixture.FixtureServer, the one fake API server), a background scraper
+that checks every scrape (status, latency, counters never decreasing), parsed scrapes (prometheus_client's
+parser), and readers for the daemon's RSS.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlsplit
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.common import fit_line, rss_bytes
+from bench.common import wait_for as _wait_for
+from bench.gridfixture import Fault, FixtureServer, Request, Response, cut, drip, hang, reset
 from tests.daemon import get
 
 T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------------
-# Exposition parsing
+# Parsed scrapes
 # ---------------------------------------------------------------------------------------------------
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 
 
 @dataclass
 class Metrics:
-    """One parsed /metrics body: samples by (name, sorted labels), and each family's TYPE."""
+    """One parsed /metrics body: samples by (name, sorted labels), and the TYPE of each sample's family."""
 
     samples: dict[SampleKey, float]
-    types: dict[str, str]
+    kinds: dict[str, str]  # sample name -> its family's type (counter, gauge, ...)
     text: str = ""
 
     @classmethod
     def parse(cls, text: str) -> Metrics:
+        """Parse with prometheus_client; ValueError on a body Prometheus would not accept either."""
         samples: dict[SampleKey, float] = {}
-        types: dict[str, str] = {}
-        for line in text.splitlines():
-            if line.startswith("# TYPE "):
-                _, _, name, kind = line.split(" ", 3)
-                types[name] = kind.strip()
-                continue
-            if not line or line.startswith("#"):
-                continue
-            m = _SAMPLE.match(line)
-            if m is None:
-                raise AssertionError(f"unparsable exposition line: {line!r}")
-            name, labels_text, value = m.groups()
-            labels = tuple(sorted((k, v.replace('\\"', '"').replace("\\\\", "\\"))
-                                  for k, v in _LABEL.findall(labels_text or "")))
-            samples[(name, labels)] = float(value)
-        return cls(samples, types, text)
+        kinds: dict[str, str] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+                kinds[s.name] = family.type
+        return cls(samples, kinds, text)
 
     def find(self, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
         """Every sample of `name` whose labels include `labels`."""
@@ -87,9 +76,9 @@ class Metrics:
         return v
 
     def counters(self) -> dict[SampleKey, float]:
-        """Samples of counter families (`<family>_total`)."""
+        """The samples of counter families (`<family>_total`; not `_created`)."""
         return {k: v for k, v in self.samples.items()
-                if k[0].endswith("_total") and self.types.get(k[0][: -len("_total")]) == "counter"}
+                if k[0].endswith("_total") and self.kinds.get(k[0]) == "counter"}
 
     def signal_source(self, signal: str) -> str | None:
         found = self.find("wattson_grid_signal_info", signal=signal)
@@ -163,7 +152,12 @@ class Scraper(threading.Thread):
             if status is not None and status != 200:
                 self.failures.append(f"{time.strftime('%H:%M:%S')} HTTP {status}")
             elif status == 200 and self.parse:
-                m = Metrics.parse(body.decode())
+                try:
+                    m = Metrics.parse(body.decode())
+                except ValueError as exc:
+                    self.failures.append(f"{time.strftime('%H:%M:%S')} unparsable exposition: {exc}")
+                    self._stop_event.wait(self.period)
+                    continue
                 with self._lock:
                     if self.last is not None:
                         self.decreases.extend(counter_decreases(self.last, m))
@@ -205,6 +199,8 @@ class Scraper(threading.Thread):
         """Every scrape answered 200 within the bound and no counter went down."""
         assert not self.failures, f"{len(self.failures)} failed scrapes: {self.failures[:5]}"
         assert not self.decreases, f"counters decreased: {self.decreases[:5]}"
+        if self.parse and self.last is not None:
+            assert self.last.counters(), "no counter found in /metrics: the decrease check checked nothing"
         assert len(self.latencies) >= min_scrapes, f"only {len(self.latencies)} scrapes"
         worst = max(self.latencies)
         assert worst < max_latency_seconds, f"slowest scrape took {worst:.3f}s (bound {max_latency_seconds}s)"
@@ -220,46 +216,19 @@ class Abort(Exception):
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.1) -> T:
-    """Poll `probe` until it returns something truthy; fail naming `what` and the last error."""
-    deadline = time.monotonic() + timeout
-    last_error: str = ""
-    while True:
-        try:
-            value = probe()
-            if value:
-                return value
-        except (AssertionError, OSError, KeyError, ValueError) as exc:
-            last_error = f" (last: {type(exc).__name__}: {exc})"
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{last_error}")
-        time.sleep(interval)
+    """bench.common.wait_for, retrying probes that fail while the state is still coming (a series not
+    there yet, no scrape yet, a refused connection). Raise Abort in a probe to stop waiting at once."""
+    return _wait_for(what, probe, timeout, interval, retry_on=(AssertionError, OSError, KeyError, ValueError))
 
 
 def rss_mib(pid: int) -> float:
-    """Resident set size of a process, from /proc/<pid>/status, in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
-
-
-def thread_count(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no Threads in /proc/{pid}/status")
+    """Resident set size of a process, in MiB (bench.common.rss_bytes)."""
+    return rss_bytes(pid)[0] / (1024 * 1024)
 
 
 def fit_slope(points: list[tuple[float, float]]) -> float:
-    """Least-squares slope of y over x."""
-    n = len(points)
-    if n < 2:
-        return 0.0
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    sxy = sum((x - mx) * (y - my) for x, y in points)
-    return sxy / sxx if sxx else 0.0
+    """Least-squares slope of y over x (bench.common.fit_line)."""
+    return fit_line([x for x, _ in points], [y for _, y in points]).slope
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,30 +238,52 @@ def fit_slope(points: list[tuple[float, float]]) -> float:
 EM_PATHS = ("/v3/carbon-intensity/history", "/v3/carbon-intensity/latest", "/v3/carbon-intensity/forecast")
 AWATTAR_PATH = "/v1/marketdata"
 ENTSOE_PATH = "/api"
+API_OF_PATH = {**{p: "electricitymaps" for p in EM_PATHS}, AWATTAR_PATH: "awattar", ENTSOE_PATH: "entsoe"}
 
 # Modes a test can set per API. "ok" serves good data for the current hours.
 MODES = ("ok", "http_500", "http_401", "rate_limited", "hang", "cut", "reset", "truncated_json", "malformed",
          "wrong_zone", "wrong_units", "absurd", "empty", "slowloris",
          "echo_500", "echo_401", "echo_zone", "echo_value", "echo_boundary", "echo_ack",
          "echo_ack_boundary")
+# Modes whose answer is a good-looking 200 with data the daemon must judge.
+DATA_MODES = ("ok", "wrong_zone", "wrong_units", "absurd", "empty", "echo_zone", "echo_value")
 
 
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return status, {"Content-Type": "application/json", **(headers or {})}, data
+
+
 @dataclass
 class Hit:
+    """One request to one of the APIs, with the mode it was answered in."""
+
     api: str
-    path: str
     mode: str
-    received: float  # time.time() when the request arrived
-    answered: float | None = None  # when the response (or the fault) was complete
+    request: Request
+
+    @property
+    def path(self) -> str:
+        return self.request.path
+
+    @property
+    def received(self) -> float:
+        """time.time() when the request arrived."""
+        return self.request.received
+
+    @property
+    def answered(self) -> float | None:
+        """When the response (or the fault) was complete; None while it is still going on."""
+        return self.request.answered
 
 
 @dataclass
 class GridApi:
-    """A local stand-in for three grid APIs whose behaviour a test switches while the daemon runs.
+    """Three grid APIs on one FixtureServer, whose behaviour a test switches while the daemon runs.
 
     `modes[api]` picks what each API does next ("ok" or a fault). Requests are logged with their
     arrival time so tests can check pacing (Retry-After). `refuse()` closes the listening socket
@@ -310,48 +301,31 @@ class GridApi:
     hits: list[Hit] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._closing = threading.Event()
-        self._connections: set[socket.socket] = set()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self.port = 0
+        self.server = FixtureServer(routes={path: self._answer for path in API_OF_PATH}, keep_alive=True)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def _serve(self, port: int) -> None:
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
-        self._httpd.daemon_threads = True
-        self.port = int(self._httpd.server_address[1])
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="grid-api", daemon=True)
-        self._thread.start()
-
     def __enter__(self) -> GridApi:
-        self._serve(0)
+        self.server.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._closing.set()
-        self.refuse()
+        self.server.__exit__(*exc)
 
     def refuse(self) -> None:
         """Stop listening and drop open keep-alive connections: every request fails until reopen()."""
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-        for conn in list(self._connections):
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self.server.refuse()
 
     def reopen(self) -> None:
-        if self._httpd is None:
-            self._serve(self.port)
+        self.server.reopen()
+
+    @property
+    def port(self) -> int:
+        return self.server.port
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.server.base_url
 
     def set(self, mode: str, *apis: str) -> None:
         for api in apis or tuple(self.modes):
@@ -394,140 +368,64 @@ class GridApi:
         return {"object": "list", "data": rows, "url": "/at/v1/marketdata" if mode == "wrong_zone"
                 else "/de/v1/marketdata"}
 
-    # -- the handler ------------------------------------------------------------------------------
+    def good(self, api: str, path: str, mode: str = "ok", secret: str = "") -> Response:
+        """A 200 with this API's data for the current hours, shaped by a data mode."""
+        if api == "electricitymaps":
+            return _json(200, self.em_body(path, mode, secret))
+        if api == "awattar":
+            return _json(200, self.awattar_body(mode))
+        return _json(200, b"<xml/>")  # ENTSO-E is only used for the echo faults
 
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        api_server = self
+    # -- answering --------------------------------------------------------------------------------
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-            def setup(self) -> None:
-                super().setup()
-                api_server._connections.add(self.connection)
-
-            def finish(self) -> None:
-                api_server._connections.discard(self.connection)
-                try:
-                    super().finish()
-                except OSError:
-                    pass
-
-            def do_GET(self) -> None:
-                parts = urlsplit(self.path)
-                if parts.path in EM_PATHS:
-                    api = "electricitymaps"
-                elif parts.path == AWATTAR_PATH:
-                    api = "awattar"
-                elif parts.path == ENTSOE_PATH:
-                    api = "entsoe"
-                else:
-                    self._reply(404, b"no such path\n", "text/plain")
-                    return
-                mode = api_server.modes[api]
-                hit = Hit(api, parts.path, mode, time.time())
-                api_server.hits.append(hit)
-                secret = (self.headers.get("auth-token") or
-                          (parse_qs(parts.query).get("securityToken") or [""])[0])
-                try:
-                    self._fault(api, parts.path, mode, secret)
-                except OSError:
-                    pass  # the client gave up (timeout): that is the point of some modes
-                finally:
-                    hit.answered = time.time()
-
-            def _reply(self, status: int, body: bytes, ctype: str = "application/json",
-                       headers: dict[str, str] | None = None) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _good(self, api: str, path: str, mode: str, secret: str) -> bytes:
-                if api == "electricitymaps":
-                    return json.dumps(api_server.em_body(path, mode, secret)).encode()
-                if api == "awattar":
-                    return json.dumps(api_server.awattar_body(mode)).encode()
-                return b"<xml/>"  # ENTSO-E is only used for the echo faults
-
-            def _fault(self, api: str, path: str, mode: str, secret: str) -> None:
-                s = api_server
-                if mode in ("ok", "wrong_zone", "wrong_units", "absurd", "empty", "echo_zone", "echo_value"):
-                    self._reply(200, self._good(api, path, mode, secret))
-                elif mode == "http_500":
-                    self._reply(500, b'{"status": "error", "message": "Internal Server Error"}')
-                elif mode == "http_401":
-                    self._reply(401, b'{"status": "error", "message": "Unauthorized"}')
-                elif mode == "rate_limited":
-                    self._reply(429, b'{"status": "error", "message": "Too many requests"}',
-                                headers={"Retry-After": s.retry_after})
-                elif mode == "hang":
-                    s._closing.wait(s.hang_seconds)  # longer than the client's timeout; then a late answer
-                    self._reply(200, self._good(api, path, "ok", secret))
-                elif mode == "cut":
-                    body = self._good(api, path, "ok", secret)
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body[: len(body) // 3])
-                    self.wfile.flush()
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    self.close_connection = True
-                elif mode == "reset":
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    self.close_connection = True
-                elif mode == "truncated_json":
-                    body = self._good(api, path, "ok", secret)
-                    self._reply(200, body[: len(body) // 2])
-                elif mode == "malformed":
-                    self._reply(200, b"<html><body><h1>502 Bad Gateway</h1></body></html>")
-                elif mode == "slowloris":
-                    # Headers at once, then the body one byte at a time, each well inside the client's
-                    # read timeout, for as long as the mode lasts.
-                    body = self._good(api, path, "ok", secret) + b" " * 100_000
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.flush()
-                    for i in range(len(body)):
-                        if s.modes[api] != "slowloris" or s._closing.is_set():
-                            break
-                        self.wfile.write(body[i:i + 1])
-                        self.wfile.flush()
-                        time.sleep(s.drip_seconds)
-                    self.close_connection = True
-                elif mode == "echo_500":
-                    body = {"message": f"internal error for key {secret}", "request": self.path}
-                    self._reply(500, json.dumps(body).encode())
-                elif mode == "echo_401":
-                    self._reply(401, json.dumps({"message": f"Invalid token '{secret}'",
-                                                 "url": self.path}).encode())
-                elif mode == "echo_boundary":
-                    # The key straddles character 160 of the body, where error snippets are cut.
-                    prefix = ('{"message": "' + "request rejected; " * 8)[:140]
-                    self._reply(403, (prefix + secret + '"}').encode())
-                elif mode in ("echo_ack", "echo_ack_boundary"):
-                    # echo_ack_boundary: the key straddles character 200 of the text, where it is cut.
-                    pad = "Invalid security token "
-                    if mode == "echo_ack_boundary":
-                        pad += "." * (180 - len(pad))
-                    doc = ('<?xml version="1.0" encoding="utf-8"?><Acknowledgement_MarketDocument '
-                           'xmlns="urn:iec62325.351:tc57wg16:451-1:acknowledgementdocument:7:0">'
-                           f"<Reason><code>999</code><text>{pad}{secret}</text></Reason>"
-                           "</Acknowledgement_MarketDocument>")
-                    self._reply(200, doc.encode(), "text/xml")
-                else:  # pragma: no cover - MODES and this list are kept together
-                    raise AssertionError(f"mode {mode} not implemented")
-
-        return Handler
+    def _answer(self, req: Request) -> Response | Fault:
+        api = API_OF_PATH[req.path]
+        mode = self.modes[api]
+        self.hits.append(Hit(api, mode, req))
+        secret = req.headers.get("auth-token") or (req.query.get("securityToken") or [""])[0]
+        target = req.target
+        if mode in DATA_MODES:
+            return self.good(api, req.path, mode, secret)
+        if mode == "http_500":
+            return _json(500, {"status": "error", "message": "Internal Server Error"})
+        if mode == "http_401":
+            return _json(401, {"status": "error", "message": "Unauthorized"})
+        if mode == "rate_limited":
+            return _json(429, {"status": "error", "message": "Too many requests"}, {"Retry-After": self.retry_after})
+        if mode == "hang":
+            return hang(self.hang_seconds, then=self.good(api, req.path))
+        if mode == "cut":
+            return cut(self.good(api, req.path), keep=1 / 3)
+        if mode == "reset":
+            return reset()
+        if mode == "truncated_json":
+            status, headers, body = self.good(api, req.path)
+            data = body.encode() if isinstance(body, str) else body
+            return status, headers, data[: len(data) // 2]
+        if mode == "malformed":
+            return _json(200, b"<html><body><h1>502 Bad Gateway</h1></body></html>")
+        if mode == "slowloris":
+            return drip(self.good(api, req.path), self.drip_seconds, padding=100_000,
+                        while_=lambda: self.modes[api] == "slowloris")
+        if mode == "echo_500":
+            return _json(500, {"message": f"internal error for key {secret}", "request": target})
+        if mode == "echo_401":
+            return _json(401, {"message": f"Invalid token '{secret}'", "url": target})
+        if mode == "echo_boundary":
+            # The key straddles character 160 of the body, where error snippets are cut.
+            prefix = ('{"message": "' + "request rejected; " * 8)[:140]
+            return _json(403, (prefix + secret + '"}').encode())
+        if mode in ("echo_ack", "echo_ack_boundary"):
+            # echo_ack_boundary: the key straddles character 200 of the text, where it is cut.
+            pad = "Invalid security token "
+            if mode == "echo_ack_boundary":
+                pad += "." * (180 - len(pad))
+            doc = ('<?xml version="1.0" encoding="utf-8"?><Acknowledgement_MarketDocument '
+                   'xmlns="urn:iec62325.351:tc57wg16:451-1:acknowledgementdocument:7:0">'
+                   f"<Reason><code>999</code><text>{pad}{secret}</text></Reason>"
+                   "</Acknowledgement_MarketDocument>")
+            return 200, {"Content-Type": "text/xml"}, doc.encode()
+        raise AssertionError(f"mode {mode} not implemented")  # pragma: no cover - MODES and this list agree
 
 
 # ---------------------------------------------------------------------------------------------------
