@@ -163,7 +163,8 @@ def wattson_daemon(config_yaml: str, gpus: int, workdir: Path | None = None,
         env = {**os.environ, "PYTHONPATH": str(EXPORTER), "PYTHONUNBUFFERED": "1"}
         entry = ["-c", NODELAY_LAUNCHER] if patch_nodelay else ["-m", "wattson"]
         cmd = [sys.executable, *entry, "--simulate", "--simulate.gpus", str(gpus),
-               "--config.file", str(cfg), "--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warn"]
+               "--config.file", str(cfg), "--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warn",
+               "--storage.path", str(work / f"data-{port}")]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         try:

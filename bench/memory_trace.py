@@ -60,7 +60,8 @@ def run(minutes: float = 5.0, warmup_seconds: float = 30.0, gpus: int = 8, hz: f
             port = free_port()
             args = build_parser().parse_args([
                 "--simulate.gpus", str(gpus), "--config.file", str(cfg_path),
-                "--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warn"])
+                "--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warn",
+                "--storage.path", str(Path(tmp) / "data")])
             tracemalloc.start(FRAMES)
             app = App(apply_flags(load_config(args.config_file), args), args)
             app.start()

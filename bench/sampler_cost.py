@@ -54,6 +54,7 @@ class FakeGpu:
 class FakeBackend:
     name = "fake"
     simulated = True
+    counter_epoch = "bench"
 
     def __init__(self, gpus: int, read_delay_seconds: float) -> None:
         self.devices = [FakeGpu(i, read_delay_seconds) for i in range(gpus)]

@@ -94,7 +94,8 @@ def main() -> int:
     log = open(args.out / "wattson.log", "wb")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "exporter") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     daemon = subprocess.Popen([sys.executable, "-m", "wattson", "--config.file", str(cfg),
-                               "--web.listen-address", f"127.0.0.1:{port}"], stdout=log, stderr=log, env=env)
+                               "--web.listen-address", f"127.0.0.1:{port}",
+                               "--storage.path", str(args.out / "data")], stdout=log, stderr=log, env=env)
     try:
         def ready() -> bool:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:

@@ -53,14 +53,18 @@ class Daemon:
 
 @contextmanager
 def run_wattson(tmp_path: Path, config: str | None, *args: str, env: dict[str, str] | None = None,
-                wait_ready: bool = True) -> Iterator[Daemon]:
+                wait_ready: bool = True, storage: Path | None = None) -> Iterator[Daemon]:
     """wattson from the source tree with `config` (None: built-in defaults) and extra `args`.
 
     The environment is PATH plus `env` only, so no API key of the machine running the tests leaks in.
     With wait_ready, returns once /readyz answers 200 (AssertionError with the log if it exits first).
+    State goes to `storage`, by default a directory of this daemon's own: pass the same `storage` to
+    restart a daemon where the previous one stopped.
     """
     port = free_port()
-    cmd = [sys.executable, "-m", "wattson", "--web.listen-address", f"127.0.0.1:{port}", *args]
+    storage = storage if storage is not None else tmp_path / f"data-{port}"
+    cmd = [sys.executable, "-m", "wattson", "--web.listen-address", f"127.0.0.1:{port}",
+           "--storage.path", str(storage), *args]
     if config is not None:
         cfg = tmp_path / f"wattson-{port}.yml"
         cfg.write_text(config)

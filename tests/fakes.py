@@ -54,6 +54,7 @@ class ConstantGpu:
 class ListBackend:
     name = "fake"
     simulated = False
+    counter_epoch = "fake-boot"
 
     def __init__(self, devices: list) -> None:
         self.devices = devices

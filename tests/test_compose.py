@@ -105,7 +105,9 @@ def test_named_volumes_and_dependencies_resolve() -> None:
     """Every named volume a service mounts is declared (and every declared one used); every dependency
     is a service that runs in every profile (one in a profile would not start without it)."""
     doc = compose()
-    used = {v.split(":")[0] for s in doc["services"].values() for v in s.get("volumes", []) if isinstance(v, str)}
+    mounts = [v for s in doc["services"].values() for v in s.get("volumes", [])]
+    used = {v.split(":")[0] for v in mounts if isinstance(v, str)}
+    used |= {v["source"] for v in mounts if isinstance(v, dict) and v.get("type") == "volume"}
     assert used == set(doc["volumes"]), (sorted(used), sorted(doc["volumes"]))
     for name, s in doc["services"].items():
         for dep in s.get("depends_on", {}):
@@ -153,7 +155,7 @@ def test_config_mounts_are_read_only_and_exist() -> None:
     env = env_example()
     for name, s in services().items():
         for volume in s.get("volumes", []):
-            if isinstance(volume, str):
+            if isinstance(volume, str) or volume["type"] == "volume":
                 continue  # a named volume: test_named_volumes_and_dependencies_resolve
             assert volume["type"] == "bind" and volume["read_only"] is True, f"{name}: {volume}"
             source = ROOT / interpolate(volume["source"], env)

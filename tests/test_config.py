@@ -30,6 +30,32 @@ ROOT = Path(__file__).resolve().parent.parent
     ("sampler: [\n", "invalid YAML"),
     ("sampler:\n  interval_seconds: 1\nsampler:\n  interval_seconds: 2\n",
      "wattson.yml:3: sampler: duplicate key (first at line 1)"),  # not silently the last one
+    # No NaN or infinity anywhere: one rule for every number of the file.
+    ("grid:\n  price:\n    sources:\n      - type: static\n        price_per_kwh: .nan\n        currency: EUR\n",
+     "wattson.yml:5: grid.price.sources[0].price_per_kwh: Input should be a finite number"),
+    ("grid:\n  pue: .inf\n", "wattson.yml:2: grid.pue: Input should be a finite number"),
+    ("budgets:\n  cost_per_day: .nan\n", "wattson.yml:2: budgets.cost_per_day: Input should be a finite number"),
+    ("sampler:\n  max_power_watts: .inf\n", "sampler.max_power_watts: Input should be a finite number"),
+    ("grid:\n  carbon:\n    sources:\n      - type: static\n        grams_per_kwh: -.inf\n",
+     "grid.carbon.sources[0].grams_per_kwh: Input should be a finite number"),
+    # Prices beyond the currency's bound, as exported (after adder and multiplier).
+    ("grid:\n  price:\n    sources:\n      - type: static\n        price_per_kwh: 150\n        currency: EUR\n",
+     "wattson.yml:5: grid.price.sources[0].price_per_kwh: not a plausible price: exported as 150 EUR/kWh"),
+    ("grid:\n  price:\n    sources:\n      - type: static\n        price_per_kwh: 60\n        currency: EUR\n"
+     "        multiplier: 2\n", "wattson.yml:5: grid.price.sources[0].price_per_kwh: not a plausible price: "
+     "exported as 120 EUR/kWh"),
+    ("grid:\n  price:\n    sources:\n      - type: static\n        price_per_kwh: 150000\n        currency: KRW\n"
+     "        adder_per_kwh: 60000\n", "wattson.yml:5: grid.price.sources[0].price_per_kwh: not a plausible price"),
+    ("grid:\n  price:\n    sources:\n      - type: tou\n        timezone: Asia/Tokyo\n        currency: JPY\n"
+     "        bands:\n          - {days: all, start: '00:00', end: '12:00', price_per_kwh: 30}\n"
+     "          - {days: all, start: '12:00', end: '24:00', price_per_kwh: 30000}\n",
+     "wattson.yml:9: grid.price.sources[0].bands[1].price_per_kwh: not a plausible price: exported as 30000 JPY"),
+    ("grid:\n  price:\n    sources:\n      - type: tou\n        timezone: Europe/Berlin\n        currency: EUR\n"
+     "        default_price_per_kwh: -120\n        bands:\n"
+     "          - {days: all, start: '00:00', end: '12:00', price_per_kwh: 0.3}\n",
+     "wattson.yml:7: grid.price.sources[0].default_price_per_kwh: not a plausible price"),
+    ("grid:\n  price:\n    sources:\n      - type: static\n        price_per_kwh: 1\n        currency: EUR\n"
+     "        max_abs_price_per_kwh: 0\n", "grid.price.sources[0].max_abs_price_per_kwh: Input should be greater"),
 ])
 def test_each_class_of_mistake_names_the_key(text, needle):
     with pytest.raises(ConfigError) as exc:
@@ -38,6 +64,24 @@ def test_each_class_of_mistake_names_the_key(text, needle):
     assert "\n" not in msg
     assert msg.startswith("wattson.yml")
     assert needle in msg, msg
+
+
+@pytest.mark.parametrize("text", [
+    "grid:\n  price:\n    zone: KR\n    sources:\n      - {type: static, price_per_kwh: 150, currency: KRW}\n",
+    "grid:\n  price:\n    sources:\n      - {type: static, price_per_kwh: 150, currency: EUR,\n"
+    "         max_abs_price_per_kwh: 200}\n",
+    "grid:\n  price:\n    sources:\n      - {type: static, price_per_kwh: -99, currency: EUR}\n",
+    "grid:\n  price:\n    sources:\n      - type: tou\n        timezone: Asia/Tokyo\n        currency: JPY\n"
+    "        bands:\n          - {days: all, start: '00:00', end: '24:00', price_per_kwh: 31.5}\n",
+])
+def test_plausible_prices_in_any_currency_start(text):
+    parse_config(text, "wattson.yml")
+
+
+def test_null_signal_is_disabled_and_left_out_is_the_default():
+    cfg = parse_config("grid:\n  price: null\n", "w.yml")
+    assert cfg.grid.price is None and cfg.grid.carbon is not None
+    assert parse_config("grid:\n  pue: 1.1\n", "w.yml").grid.price is not None
 
 
 def test_error_names_the_line():
@@ -118,6 +162,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("text, needle", [
     ("grid:\n  pue: 9\n", ":2: grid.pue: "),
     ("grid:\n  pue: 1.2\ngrid:\n  pue: 1.3\n", ":3: grid: duplicate key (first at line 1)"),
+    ("grid:\n  price:\n    sources:\n      - type: static\n        price_per_kwh: 150\n        currency: EUR\n",
+     ":5: grid.price.sources[0].price_per_kwh: not a plausible price"),
 ])
 def test_cli_exits_2_with_one_line_for_a_bad_config(tmp_path, text, needle):
     cfg = tmp_path / "bad.yml"

@@ -42,14 +42,22 @@ def test_integrated_path_within_one_percent_at_10hz():
     assert abs(meter.total_joules - truth) / truth < 0.01
 
 
-def test_counter_going_down_is_a_reset_and_counts_nothing():
+def test_counter_going_down_restarted_from_zero_and_its_new_value_is_counted_when_plausible():
     meter = EnergyMeter(max_power_watts=3000)
     meter.update(reading(0, 300, 1_000_000))
     meter.update(reading(1, 300, 1_300_000))  # 300 J
-    step = meter.update(reading(2, 300, 5_000))  # driver reload: counter restarts near 0
-    assert step is not None and step.reset and step.joules == 0
-    meter.update(reading(3, 300, 305_000))  # counting resumes from the new baseline
-    assert meter.total_joules == 600.0
+    step = meter.update(reading(2, 300, 5_000))  # driver reload: the counter restarted and has 5 J since
+    assert step is not None and step.reset and step.joules == 5.0 and not step.unmetered
+    meter.update(reading(3, 300, 305_000))  # counting goes on from the new counter
+    assert meter.total_joules == 605.0
+
+
+def test_counter_going_down_to_more_than_the_gpu_could_draw_since_is_unmetered():
+    meter = EnergyMeter(max_power_watts=3000)
+    meter.update(reading(0, 300, 9_000_000))
+    step = meter.update(reading(1, 300, 8_000_000))  # 8 kJ in 1 s at a 700 W limit: not a restart from zero
+    assert step is not None and step.reset and step.unmetered and step.joules == 0
+    assert meter.total_joules == 0.0
 
 
 def test_absurd_jump_is_a_reset():
@@ -89,3 +97,31 @@ def test_total_never_decreases():
         meter.update(reading(i, 100, mj))
         assert meter.total_joules >= last
         last = meter.total_joules
+
+
+def test_integrated_gap_is_unmetered_time_not_guessed_energy():
+    meter = EnergyMeter(max_power_watts=1000)
+    meter.update(reading(0, 300, None))
+    meter.update(reading(1, 300, None))
+    meter.gap()
+    step = meter.update(reading(30, 300, None))
+    assert step is not None and step.unmetered and step.joules == 0 and step.end - step.start == 29
+
+
+def test_resume_counts_the_counter_difference_since_the_saved_reading():
+    meter = EnergyMeter(max_power_watts=1000)
+    meter.resume(1234.5, "counter", 5_000_000, 1_700_000_000 + 10, counter_runs_on=True)
+    step = meter.update(reading(30, 300, 11_000_000))  # 6 kJ in 20 s: 300 W, plausible
+    assert step is not None and (step.start, step.end, step.joules) == (1_700_000_010, 1_700_000_030, 6000.0)
+    assert meter.total_joules == 1234.5 + 6000.0
+    meter.update(reading(31, 300, 11_300_000))
+    assert meter.total_joules == 1234.5 + 6300.0
+
+
+def test_resume_after_a_reboot_or_an_implausible_difference_is_unmetered():
+    for runs_on, counter in ((False, 11_000_000), (True, 4_000_000), (True, 500_000_000)):
+        meter = EnergyMeter(max_power_watts=1000)
+        meter.resume(100.0, "counter", 5_000_000, 1_700_000_000 + 10, counter_runs_on=runs_on)
+        step = meter.update(reading(30, 300, counter))
+        assert step is not None and step.unmetered and step.joules == 0 and step.end - step.start == 20
+        assert meter.total_joules == 100.0

@@ -2,7 +2,8 @@
 
 A step [t0, t1] is split across the price and carbon intervals it spans (constant power assumed
 within a step), so a price change at half past prices each joule once at the right price, whatever
-the sampling interval. Energy used while a signal is unknown is counted as unpriced, never as 0.
+the sampling interval. Energy used while a signal is unknown is counted as unpriced, never as 0; a
+signal configured as null is disabled: nothing is priced or counted as unpriced for it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ class GpuAccount:
     credit: dict[str, float] = field(default_factory=dict)  # currency -> sum of |negative amounts|
     co2e_grams: float = 0.0
     unpriced_joules: dict[str, float] = field(default_factory=lambda: {"price": 0.0, "carbon": 0.0})
+
+    def restore(self, cost: dict[str, float], credit: dict[str, float], co2e_grams: float,
+                unpriced_joules: dict[str, float]) -> None:
+        """Continue totals saved by a previous run."""
+        self.cost = dict(cost)
+        self.credit = dict(credit)
+        for currency in set(cost) | set(credit):
+            self.cost.setdefault(currency, 0.0)
+            self.credit.setdefault(currency, 0.0)
+        self.co2e_grams = co2e_grams
+        self.unpriced_joules = {"price": 0.0, "carbon": 0.0} | dict(unpriced_joules)
 
     def frozen(self) -> AccountSnapshot:
         return AccountSnapshot(tuple(sorted(self.cost.items())), tuple(sorted(self.credit.items())),
@@ -94,8 +106,6 @@ def charge(step: EnergyStep, tariff: Tariff) -> StepCharge:
                 unpriced["price"] = unpriced.get("price", 0.0) + part
             else:
                 cost[value.currency] = cost.get(value.currency, 0.0) + part / JOULES_PER_KWH * value.value
-    else:
-        unpriced["price"] = joules
     if tariff.carbon is not None:
         for fraction, value in tariff.carbon.split(step.start, step.end):
             part = joules * fraction
@@ -103,8 +113,6 @@ def charge(step: EnergyStep, tariff: Tariff) -> StepCharge:
                 unpriced["carbon"] = unpriced.get("carbon", 0.0) + part
             else:
                 grams += part / JOULES_PER_KWH * value.value
-    else:
-        unpriced["carbon"] = joules
     return StepCharge(joules, tuple(cost.items()), grams, tuple(unpriced.items()))
 
 

@@ -21,6 +21,7 @@ from .grid.registry import build_grid
 from .logfmt import kv
 from .sampler import Sampler
 from .snapshot import Budgets
+from .state import PeriodicSaver, StateStore
 from .webconfig import WebConfigError, WebSecurity, load_web_config
 
 log = logging.getLogger("wattson")
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exporter-toolkit web config file for TLS and basic auth.")
     p.add_argument("--log.level", dest="log_level", choices=["debug", "info", "warn", "error"],
                    help="Log level (default info).")
+    p.add_argument("--storage.path", dest="storage_path", metavar="DIR", default="data/",
+                   help="Directory of the state file that carries every total across restarts "
+                        "(default data/; /var/lib/wattson in the container and the packages).")
     p.add_argument("--simulate", action="store_true",
                    help="Use simulated GPUs instead of NVML (for demos and tests; always labelled simulated).")
     p.add_argument("--simulate.gpus", dest="simulate_gpus", type=int, metavar="N",
@@ -77,7 +81,7 @@ def build_backend(cfg: Config) -> GpuBackend:
         return SimulatedBackend(s.count, s.model, list(s.profiles), s.seed, s.energy_counter, jobs=s.jobs)
     from .gpu.nvml import NvmlBackend
 
-    return NvmlBackend(collect_processes=cfg.workloads.enabled)
+    return NvmlBackend(collect_processes=cfg.workloads.enabled, boot_id_file=cfg.gpu.nvml.boot_id_file)
 
 
 def build_budgets(cfg: Config) -> Budgets:
@@ -101,7 +105,8 @@ def load_security(path: str | None) -> WebSecurity | None:
 
 
 class App:
-    """Everything that runs: sampler, grid chains, HTTP server; and SIGHUP reload of what can change live."""
+    """Everything that runs: sampler, grid chains, state saver, HTTP server; and SIGHUP reload of what can
+    change live."""
 
     def __init__(self, cfg: Config, args: argparse.Namespace) -> None:
         self.cfg = cfg
@@ -115,69 +120,113 @@ class App:
                                budgets=build_budgets(cfg),
                                init_retry=(cfg.gpu.nvml.init_retry_initial_seconds,
                                            cfg.gpu.nvml.init_retry_max_seconds))
+        self.store = StateStore(args.storage_path)
+        self.sampler.storage = self.store.status
+        self.saver = PeriodicSaver(self.store, self.sampler.state_document)
         from .web import WattsonHTTPServer
 
         host, port = parse_listen_address(cfg.web.listen_address)
         try:
-            self.server = WattsonHTTPServer((host or "0.0.0.0", port), lambda: self.sampler.snapshot, security)
+            self.server = WattsonHTTPServer((host or "0.0.0.0", port), lambda: self.sampler.snapshot, security,
+                                            healthy=self.healthy)
         except OSError as exc:
             raise ConfigError(f"web.listen_address: cannot listen on {cfg.web.listen_address}: {exc.strerror}") \
                 from None
         self.stopped = threading.Event()
+        self._reload_requested = threading.Event()
 
     def start(self) -> None:
         self.sampler.start_backend()  # BackendUnavailable -> exit 2 in main()
-        if self.workloads_enabled():
-            self._start_workloads()
+        if self.cfg.workloads.enabled:
+            from .workloads.tracker import attach
+
+            attach(self.sampler, self.backend, self.cfg.workloads)
+        saved = self.store.load({g.identity.uuid for g in self.sampler.gpus})
+        if saved is not None:
+            for problem in self.grid.restore_state(saved.grid):
+                log.warning("saved grid data skipped", extra=kv(err=problem))
+            self.sampler.restore(saved)
         self.grid.start()
         self.sampler.start()
+        self.saver.start()
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, name="http",
                          daemon=True).start()
-        log.info("wattson started", extra=kv(version=__version__, listen=self.cfg.web.listen_address,
+        threading.Thread(target=self._reloads, name="reload", daemon=True).start()
+        log.info("wattson started", extra=kv(version=__version__, listen=self.bound_address(),
+                                             config=self.args.config_file or "(built-in defaults)",
                                              backend=self.backend.name, gpus=len(self.sampler.gpus),
+                                             grid=self.grid.describe(), storage=str(self.store.path),
                                              tls=self.tls_enabled()))
+        self._say_what_is_not_priced(self.cfg)
+
+    def _say_what_is_not_priced(self, cfg: Config) -> None:
+        for signal_name in ("carbon", "price"):
+            if getattr(cfg.grid, signal_name) is None:
+                log.info(f"grid.{signal_name} is null: the {signal_name} signal is disabled, "
+                         "nothing is priced or counted as unpriced for it")
+        if self.args.config_file is None:
+            log.warning("no --config.file: pricing with the built-in placeholder tariff (0.30 EUR/kWh) and the "
+                        "bundled annual carbon intensity of zone DE; configure your own tariff and zone")
+
+    def bound_address(self) -> str:
+        """host:port actually listened on (the kernel's port when :0 was asked for)."""
+        host, port = str(self.server.server_address[0]), int(self.server.server_address[1])
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def tls_enabled(self) -> bool:
-        return getattr(self.server.security, "ssl_context", None) is not None
+        return self.server.security.tls is not None
 
-    def workloads_enabled(self) -> bool:
-        return self.cfg.workloads.enabled
+    def healthy(self) -> bool:
+        """/healthz: a sampling round completed within 3 intervals plus the GPU timeout."""
+        limit = 3 * self.cfg.sampler.interval_seconds + self.cfg.sampler.gpu_timeout_seconds
+        return time.monotonic() - self.sampler.last_round_monotonic <= limit
 
-    def _start_workloads(self) -> None:
-        from .workloads.tracker import attach
+    def request_reload(self) -> None:
+        """SIGHUP: reloads run one at a time on one thread; a storm of signals coalesces into one more."""
+        self._reload_requested.set()
 
-        attach(self.sampler, self.backend, self.cfg.workloads)
+    def _reloads(self) -> None:
+        while not self.stopped.is_set():
+            self._reload_requested.wait()
+            self._reload_requested.clear()
+            if not self.stopped.is_set():
+                self.reload()
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config. Invalid -> keep running the old one. Grid, PUE, budgets and
-        log level change live; the GPU backend and listen address need a restart."""
+        """Re-read the config. Invalid -> keep running the old one. Grid, PUE, budgets and log level change
+        live, keeping every source whose settings did not change as it is (its cache, counters and schedule);
+        the GPU backend, workloads and listen address need a restart."""
         path = self.args.config_file
         try:
             new = apply_flags(load_config(path), self.args)
-            new_grid = build_grid(new)
+            new_grid = build_grid(new, previous=self.grid)
         except ConfigError as exc:
             log.error("config reload rejected; keeping the running config", extra=kv(err=str(exc)))
             return
-        for key in ("gpu", "web"):
+        for key in ("gpu", "web", "workloads"):
             if getattr(new, key) != getattr(self.cfg, key):
                 log.warning("config section changed but needs a restart to apply", extra=kv(section=key))
+        old_grid = self.grid
+        old_grid.stop()
         self.grid = new_grid
         new_grid.start()
-        old_grid = self.sampler.replace_grid(new_grid, build_budgets(new))
+        self.sampler.replace_grid(new_grid, build_budgets(new))
         logging.getLogger().setLevel(logfmt.LEVELS[new.log_level])
-        old_grid.stop()
         self.cfg = new
-        log.info("config reloaded", extra=kv(file=path or "(defaults)"))
+        log.info("config reloaded", extra=kv(file=path or "(defaults)", grid=new_grid.describe()))
 
     def stop(self) -> None:
         """Clean exit within about a second even with a hung GPU, hanging APIs or stalled clients:
-        every part is told to stop first, then waited for against one short deadline."""
+        every part is told to stop first, then waited for against one short deadline; the state is saved
+        last, when nothing changes any more."""
         deadline = time.monotonic() + 1.0
         self.sampler.request_stop()
         self.grid.stop()
+        self._reload_requested.set()
         self.server.shutdown()  # returns within serve_forever's 0.1 s poll: the accept loop never blocks
         self.server.server_close()
         self.sampler.stop(timeout=max(0.0, deadline - time.monotonic()))
+        self.saver.stop()
         if self.sampler.reads_in_flight():
             return  # a thread is inside the driver: closing NVML under it could crash; the OS cleans up
         try:
@@ -210,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         app.stopped.set()
 
     def on_hup(signum: int, frame: FrameType | None) -> None:
-        threading.Thread(target=app.reload, name="reload", daemon=True).start()
+        app.request_reload()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)

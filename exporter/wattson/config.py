@@ -123,6 +123,10 @@ class SimulatedConfig(StrictModel):
 class NvmlConfig(StrictModel):
     init_retry_initial_seconds: float = Field(default=1.0, gt=0)
     init_retry_max_seconds: float = Field(default=60.0, gt=0)
+    boot_id_file: str = Field(
+        default="/proc/sys/kernel/random/boot_id",
+        description="The host's boot id: energy counters of another boot are never compared with this one's. "
+                    "Point it at the host's /proc where the container's is not the host's.")
 
 
 class GpuConfig(StrictModel):
@@ -149,8 +153,12 @@ class PriceSignalConfig(StrictModel):
 
 class GridConfig(StrictModel):
     pue: float = Field(default=1.0, ge=1.0, le=5.0, description="Facility overhead factor.")
-    carbon: CarbonSignalConfig | None = Field(default_factory=CarbonSignalConfig)
-    price: PriceSignalConfig | None = Field(default_factory=PriceSignalConfig)
+    # None (`null` in the file) disables the signal: nothing exported for it, no energy unpriced for it.
+    # Left out of the file, the signal has its default chain.
+    carbon: CarbonSignalConfig | None = Field(
+        default_factory=CarbonSignalConfig, description="Carbon-intensity signal; null disables it.")
+    price: PriceSignalConfig | None = Field(
+        default_factory=PriceSignalConfig, description="Price signal; null disables it.")
 
 
 class BudgetsConfig(StrictModel):

@@ -20,6 +20,7 @@ from . import __version__
 from .gpu.base import ERROR_KINDS
 from .grid.base import ERROR_REASONS
 from .snapshot import Snapshot
+from .state import LOAD_REASONS, SAVE_REASONS, StorageStatus
 from .workloads.snapshot import WorkloadSnapshot
 
 GPU = ["gpu", "uuid"]
@@ -47,6 +48,8 @@ def snapshot_metrics(snap: Snapshot) -> Iterator[Metric]:
         yield ts
     if snap.workloads is not None:
         yield from _workload_metrics(snap.workloads)
+    if snap.storage is not None:
+        yield from _storage_metrics(snap.storage)
 
 
 def _gpu_metrics(snap: Snapshot) -> Iterator[Metric]:
@@ -74,6 +77,9 @@ def _gpu_metrics(snap: Snapshot) -> Iterator[Metric]:
                                    labels=GPU + ["signal"])
     errors = CounterMetricFamily("wattson_sampler_errors", "Failed GPU reads by error kind.",
                                  labels=GPU + ["error"])
+    unmetered = CounterMetricFamily("wattson_gpu_unmetered_seconds", "Time whose energy could not be known "
+                                    "(wattson down across a reboot or driver reload, a GPU without an energy "
+                                    "counter unreadable), in seconds; no energy is counted for it.", labels=GPU)
     for g in snap.gpus:
         ident = g.identity
         lv = [str(ident.index), ident.uuid]
@@ -101,10 +107,12 @@ def _gpu_metrics(snap: Snapshot) -> Iterator[Metric]:
         co2e.add_metric(lv, g.account.co2e_grams)
         for signal, joules in g.account.unpriced_joules:
             unpriced.add_metric(lv + [signal], joules)
+        unmetered.add_metric(lv, g.unmetered_seconds)
         counts = dict(g.errors)
         for kind in ERROR_KINDS:
             errors.add_metric(lv + [kind], counts.get(kind, 0))
-    yield from (info, up, power, limit, energy, mem_used, mem_total, util, cost, credit, co2e, unpriced, errors)
+    yield from (info, up, power, limit, energy, mem_used, mem_total, util, cost, credit, co2e, unpriced, unmetered,
+                errors)
 
 
 def _grid_metrics(snap: Snapshot) -> Iterator[Metric]:
@@ -175,6 +183,22 @@ def _budget_metrics(snap: Snapshot) -> Iterator[Metric]:
                                "Configured grid carbon intensity alert threshold, gCO2e per kWh.")
         th.add_metric([], b.intensity_threshold)
         yield th
+
+
+def _storage_metrics(st: StorageStatus) -> Iterator[Metric]:
+    errors = CounterMetricFamily("wattson_storage_errors", "State file problems: load (unreadable, corrupt, "
+                                 "version, foreign: the file was set aside and wattson started from zero) and "
+                                 "save (write failed: skipped, retried).", labels=["operation", "reason"])
+    counts = {(op, reason): n for op, reason, n in st.errors}
+    for op, reasons in (("load", LOAD_REASONS), ("save", SAVE_REASONS)):
+        for reason in reasons:
+            errors.add_metric([op, reason], counts.get((op, reason), 0))
+    yield errors
+    if st.last_save is not None:
+        last = GaugeMetricFamily("wattson_storage_last_save_timestamp_seconds",
+                                 "UNIX time of the last successful write of the state file.")
+        last.add_metric([], st.last_save)
+        yield last
 
 
 WORKLOAD = ["kind", "workload", "gpu", "uuid"]

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import accounting
 from .accounting import GpuAccount, StepCharge, Tariff
@@ -23,6 +23,7 @@ from .gpu.base import BackendUnavailable, GpuBackend, GpuDevice, GpuReadError, G
 from .grid.signal import GridSignals
 from .logfmt import kv
 from .snapshot import EMPTY, Budgets, GpuSnapshot, Snapshot
+from .state import SavedGpu, SavedState, StorageStatus, state_from_snapshot
 from .workloads.snapshot import WorkloadSnapshot
 
 log = logging.getLogger("wattson.sampler")
@@ -40,6 +41,10 @@ class WorkloadAccounting(Protocol):
         """The workload totals as they stand after a round, immutable."""
         ...
 
+    def export_state(self) -> dict[str, Any]: ...
+
+    def restore_state(self, data: dict[str, Any]) -> int: ...
+
 
 class GpuState:
     """One GPU's device, energy meter, account and last published snapshot."""
@@ -53,6 +58,7 @@ class GpuState:
         self.reinit_requested = False
         self.hung_reported = False
         self.read_since: float | None = None  # monotonic start of a driver call still in progress
+        self.unmetered_seconds = 0.0  # time whose energy could not be known (after a reboot, for instance)
         self.snapshot = GpuSnapshot(self.identity, False, None, 0.0, "unknown", ())
 
     def read(self) -> GpuReading | GpuReadError:
@@ -83,9 +89,13 @@ class GpuState:
         if step is not None:
             if step.reset:
                 self._count("counter_reset")
-                log.warning("energy counter reset; step not counted",
-                            extra=kv(gpu=self.identity.index, uuid=self.identity.uuid))
-            elif step.joules > 0:
+                log.warning("energy counter reset", extra=kv(gpu=self.identity.index, uuid=self.identity.uuid,
+                                                             counted_joules=step.joules))
+            if step.unmetered:
+                self.unmetered_seconds += step.end - step.start
+                log.info("time not metered", extra=kv(gpu=self.identity.index, uuid=self.identity.uuid,
+                                                      seconds=round(step.end - step.start, 3)))
+            if step.joules > 0:
                 charge = accounting.charge(step, tariff)
                 accounting.apply(self.account, charge)
                 if workloads is not None:
@@ -105,6 +115,7 @@ class GpuState:
             energy_method=self.meter.method or "unknown",
             errors=tuple(sorted(self.errors.items())),
             account=self.account.frozen(),
+            unmetered_seconds=self.unmetered_seconds,
         )
 
     def mark_hung(self) -> None:
@@ -120,6 +131,19 @@ class GpuState:
     def replace_device(self, device: GpuDevice) -> None:
         self.device = device
         self.reinit_requested = False
+
+    def restore(self, saved: SavedGpu, counter_epoch: str) -> None:
+        """Continue the totals a previous run saved; the time since its last reading is accounted by the
+        first reading (see EnergyMeter.resume)."""
+        self.account.restore(saved.cost, saved.credit, saved.co2e_grams, saved.unpriced_joules)
+        self.errors = dict(saved.errors)
+        self.unmetered_seconds = saved.unmetered_seconds
+        if saved.reading_time is not None:
+            self.meter.resume(saved.energy_joules, saved.method, saved.counter_millijoules, saved.reading_time,
+                              counter_runs_on=bool(counter_epoch) and saved.counter_epoch == counter_epoch)
+        else:
+            self.meter.total_joules = saved.energy_joules
+        self._publish(up=False)
 
 
 class _Round:
@@ -236,6 +260,8 @@ class Sampler:
         self.max_power_watts = max_power_watts
         self.clock = clock
         self.workloads: WorkloadAccounting | None = None
+        self.storage: Callable[[], StorageStatus] | None = None  # the state store's health, when state is kept
+        self.last_round_monotonic = time.monotonic()  # when the last round completed (or the sampler was made)
         self.gpus: list[GpuState] = []
         self.snapshot: Snapshot = EMPTY
         self._grid = grid or GridSignals(carbon=None, price=None)
@@ -252,6 +278,7 @@ class Sampler:
         self._retry_delay = self._retry_initial
         self._next_reinit = 0.0
         self._backend_down = False
+        self._saved: SavedState | None = None
 
     @property
     def grid(self) -> GridSignals:
@@ -267,6 +294,32 @@ class Sampler:
         with self._config_lock:
             old, self._grid, self._budgets = self._grid, grid, budgets
         return old
+
+    def restore(self, saved: SavedState) -> None:
+        """Continue a previous run: GPUs are matched by UUID; workload totals go to the workload tracker."""
+        self._saved = saved
+        epoch = self.backend.counter_epoch
+        restored = 0
+        for g in self.gpus:
+            prev = saved.gpus.get(g.identity.uuid)
+            if prev is not None:
+                g.restore(prev, epoch)
+                restored += 1
+        if self.workloads is not None and saved.workloads:
+            bad = self.workloads.restore_state(saved.workloads)
+            if bad:
+                log.warning("saved workload entries skipped (malformed)", extra=kv(entries=bad))
+        log.info("totals continued from the saved state", extra=kv(gpus=restored))
+
+    def state_document(self) -> dict[str, Any] | None:
+        """What the state file should hold now; None until a round completed (nothing new to save)."""
+        snap = self.snapshot
+        if not snap.ready:
+            return None
+        workloads = self.workloads.export_state() if self.workloads is not None else (
+            self._saved.workloads if self._saved is not None else {})
+        return state_from_snapshot(snap, self.backend.counter_epoch, workloads, self.grid.export_state(),
+                                   self._saved, self.clock())
 
     def start_backend(self) -> None:
         """First initialisation; BackendUnavailable propagates so the CLI can exit 2."""
@@ -362,7 +415,9 @@ class Sampler:
             pue=rnd.grid.pue,
             budgets=rnd.budgets,
             workloads=self.workloads.snapshot(now) if self.workloads is not None else None,
+            storage=self.storage() if self.storage is not None else None,
         )
+        self.last_round_monotonic = time.monotonic()
         return self.snapshot
 
     # -- the sampling loop -----------------------------------------------------------------------------

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .accounting import AccountSnapshot
 from .gpu.base import GpuIdentity, GpuReading
 from .grid.signal import SignalNow, SourceSnapshot
 from .workloads.snapshot import WorkloadSnapshot
+
+if TYPE_CHECKING:
+    from .state import StorageStatus
 
 __all__ = ["Budgets", "EMPTY", "GpuSnapshot", "SignalNow", "Snapshot", "SourceSnapshot"]
 
@@ -21,6 +25,7 @@ class GpuSnapshot:
     energy_method: str  # "counter" | "integrated" | "unknown" before the first reading
     errors: tuple[tuple[str, int], ...]  # error kind -> count
     account: AccountSnapshot = field(default_factory=AccountSnapshot)
+    unmetered_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class Snapshot:
     pue: float = 1.0
     budgets: Budgets | None = None
     workloads: WorkloadSnapshot | None = None  # None unless per-workload accounting is enabled
+    storage: StorageStatus | None = None  # None when no state is kept
 
 
 EMPTY = Snapshot(seq=0, timestamp=None, duration_seconds=0.0, backend="", ready=False, gpus=())

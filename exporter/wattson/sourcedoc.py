@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic.fields import FieldInfo
 
+from .grid.limits import SMALL_UNIT_MAX_ABS_PRICE_PER_KWH
 from .grid.registry import CARBON_SOURCES, PRICE_SOURCES
 
 INTRO = """# Grid sources
@@ -20,9 +21,11 @@ intensity **in force when it was used**. Each signal (`grid.carbon`, `grid.price
 chain of sources: at each sample, the first source whose data covers that moment and was fetched
 less than `max_age_seconds` ago serves it. When none does, the energy is counted in
 `wattson_gpu_unpriced_energy_joules_total{signal}` and the gauge is absent: wattson never exports 0
-or a made-up value for "unknown". `wattson_grid_signal_info{signal,zone,source,estimated}` says
-which source serves now, `wattson_grid_signal_age_seconds` how old its data is,
-`wattson_source_up{signal,source}`, `wattson_source_errors_total{signal,source,reason}` and
+or a made-up value for "unknown". A signal set to `null` (`grid.price: null`) is disabled instead: no
+price or intensity is exported for it and no energy is counted as unpriced for it.
+`wattson_grid_signal_info{signal,zone,source,estimated}` says which source serves now,
+`wattson_grid_signal_age_seconds` how old its data is, `wattson_source_up{signal,source}`,
+`wattson_source_errors_total{signal,source,reason}` and
 `wattson_source_last_success_timestamp_seconds{signal,source}` how each source of each chain is doing
 (a `static` carbon source and a `static` price source are two sources).
 
@@ -33,19 +36,38 @@ failure in a row, capped at the poll interval (the source's, or half of `max_age
 shorter) and at 15 minutes, and each wait is drawn between half and all of that. A `Retry-After` on
 HTTP 429 is honoured, and the last good data keeps serving until it is older than `max_age_seconds`.
 Responses are validated: malformed JSON/XML, missing fields, a zone other than the one asked for,
-negative or absurd values (intensity outside 0-5000 g/kWh, |price| over 100 per kWh) are rejected
-and counted by reason (`timeout`, `connection`, `http_4xx`, `http_5xx`, `rate_limited`, `auth`,
-`malformed`, `missing_field`, `wrong_zone`, `invalid_value`, `no_data`, `stale`), and the error
-message names the API call, the field and what is wrong with it.
+negative or absurd values (intensity outside 0-5000 g/kWh, an exported price beyond the bound of its
+currency, below) are rejected and counted by reason (`timeout`, `connection`, `http_4xx`, `http_5xx`,
+`rate_limited`, `auth`, `malformed`, `missing_field`, `wrong_zone`, `invalid_value`, `no_data`,
+`stale`), and the error message names the API call, the field and what is wrong with it. Each failure
+is logged as a warning; a source that works again after failures is logged once at info (`source
+recovered`, with the number of failures and how long it was down).
 
 API keys are read from the environment variable or file the source names (`api_key_env`,
 `api_key_file`, `password_env`, `password_file`), never from the config file, and are redacted
-from logs, metrics and error messages.
+from logs, metrics and error messages. A source whose variable is unset or empty (or whose file is
+empty or unreadable) is said once, at start, as a warning naming the source and the variable; it then
+stays down with reason `auth` at every retry, without repeating the warning, until a key is there.
+
+On `SIGHUP` every source whose signal, zone, type and keys did not change keeps its data, error
+counters, health and schedule (no refetch, no reset of `wattson_source_errors_total`, and data still
+valid keeps serving while the API is down); a changed or new source starts fresh. A change of
+`max_age_seconds` alone keeps every source's data: staleness is judged at each lookup.
 
 Price sources return the wholesale or tariff price; each price source also takes `adder_per_kwh`
 and `multiplier`, and the exported price is `(price + adder_per_kwh) * multiplier`. Negative prices
 are real (day-ahead markets): money earned is counted in `wattson_gpu_cost_credit_total`, so every
 counter only rises and net cost is `wattson_gpu_cost_total - wattson_gpu_cost_credit_total`.
+
+Prices are checked against a bound per currency, either sign, on the exported price (after
+`adder_per_kwh` and `multiplier`): a configured `static` or `tou` price beyond it stops wattson at start
+(exit 2, naming the key and its line), a fetched one is rejected (`invalid_value`). The bound is about
+100 EUR per kWh, a price that is absurd anywhere, converted at rough mid-2025 exchange rates and rounded
+up:
+{bounds};
+100 for every other currency. A price source's `max_abs_price_per_kwh` replaces it.
+(The raw answers of ENTSO-E, aWATTar and Octopus, in EUR and GBP, are also checked against 100 per kWh
+before any adjustment.)
 
 Example chain:
 
@@ -124,8 +146,20 @@ def _default(field: FieldInfo) -> str:
     return f"`{value}`"
 
 
+def _bounds() -> str:
+    """The per-currency price bounds as a wrapped list: the numbers in the doc are the ones in the code."""
+    lines = [""]
+    for currency, limit in SMALL_UNIT_MAX_ABS_PRICE_PER_KWH.items():
+        item = f"{currency} {limit:,.0f}"
+        if lines[-1] and len(lines[-1]) + len(item) + 2 > 100:
+            lines[-1] += ","
+            lines.append("")
+        lines[-1] += (", " if lines[-1] else "") + item
+    return "\n".join(lines)
+
+
 def render() -> str:
-    out = [INTRO]
+    out = [INTRO.replace("{bounds}", _bounds())]
     for signal, table, title in (("carbon", CARBON_SOURCES, "Carbon intensity sources (gCO2e/kWh)"),
                                  ("price", PRICE_SOURCES, "Price sources (currency per kWh)")):
         out.append(f"\n## {title}\n")

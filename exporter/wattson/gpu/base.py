@@ -85,6 +85,9 @@ class GpuDevice(Protocol):
 class GpuBackend(Protocol):
     name: str  # "nvml" | "simulated" -> the `backend` label
     simulated: bool
+    # Names the lifetime of the GPUs' energy counters (boot and driver); set by start() and restart(). A
+    # counter read under another epoch cannot be compared with one read now.
+    counter_epoch: str
 
     def start(self) -> list[GpuDevice]:
         """Initialise and enumerate GPUs. Raises BackendUnavailable with a one-line reason."""

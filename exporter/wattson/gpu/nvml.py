@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -233,6 +234,21 @@ class NvmlDevice:
         return int(mem.used), int(mem.total)
 
 
+BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+
+
+def read_boot_id(path: str) -> str:
+    """The kernel's id of this boot: NVML's energy counters count from driver load, so a reading from another
+    boot cannot be compared with one from this boot. Unknown (unreadable) never matches anything."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read(64).strip() or f"unknown:{uuid.uuid4()}"
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read the boot id; energy drawn while wattson was down will count as unmetered",
+                    extra=kv(file=path, err=str(exc)))
+        return f"unknown:{uuid.uuid4()}"
+
+
 class NvmlBackend:
     """GPUs as NVML sees them. start() enumerates; restart() re-initialises after the driver went away."""
 
@@ -240,7 +256,7 @@ class NvmlBackend:
     simulated = False
 
     def __init__(self, collect_processes: bool = False, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, boot_id_file: str = BOOT_ID_FILE) -> None:
         # Per-workload attribution (off by default) asks each read for the GPU's compute processes too;
         # off, NVML is never asked for them (they cost driver calls and may need more privileges).
         self.collect_processes = collect_processes
@@ -249,6 +265,8 @@ class NvmlBackend:
         self.initialized = False
         self.generation = 0
         self.driver_version = ""
+        self.boot_id_file = boot_id_file
+        self.counter_epoch = ""
         self.uuids: frozenset[str] = frozenset()  # GPUs of the current generation
         self._lock = threading.Lock()
 
@@ -288,6 +306,7 @@ class NvmlBackend:
         except BackendUnavailable:
             self._shutdown()
             raise
+        self.counter_epoch = f"boot={read_boot_id(self.boot_id_file)} driver={self.driver_version}"
         log.info("NVML initialised",
                  extra=kv(driver_version=self.driver_version, gpus=len(devices)))
         return devices

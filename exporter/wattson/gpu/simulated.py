@@ -249,10 +249,13 @@ class SimulatedBackend:
         self.jobs: tuple[SimJob, ...] | None = None if jobs is None else build_jobs(jobs)
         # monotonic() at start(): job times (start_seconds, end_seconds) count from here. None before start().
         self.origin: float | None = None
+        self.counter_epoch = ""
 
     def start(self) -> list[GpuDevice]:
         count, model, profiles, seed, energy_counter = self._args
         origin = self.origin = self.monotonic()
+        # The simulated counters start afresh with every process: a previous run's reading never carries over.
+        self.counter_epoch = f"simulated:{uuid.uuid4()}"
         self._devices = [
             SimulatedGpu(i, model, profiles[i % len(profiles)], seed, energy_counter, self._clock, self.monotonic,
                          self.jobs, origin)

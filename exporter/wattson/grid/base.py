@@ -70,6 +70,15 @@ class SourceError(Exception):
         self.retry_after = retry_after
 
 
+class MissingSecret(SourceError):
+    """The source's API key (or password) is not set: its environment variable is unset or empty, or its
+    file is empty or unreadable. Down with reason 'auth' until one is provided; the chain says so once rather
+    than at every retry. The message names the variable or file, never a value."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("auth", message)
+
+
 class GridSource(Protocol):
     """One configured provider for one signal and one zone."""
 

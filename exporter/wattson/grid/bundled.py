@@ -27,11 +27,11 @@ from pydantic import Field
 
 from ..model import SourceConfigBase
 from .base import FetchResult, Interval, Signal
+from .limits import MAX_GRAMS_PER_KWH
 
 DATA_PACKAGE = "wattson.grid"
 DATA_DIR = "data"
 DATA_NAME = "carbon_intensity.csv"
-MAX_GRAMS_PER_KWH = 5000.0
 
 # Documented in CARBON_INTENSITY_SOURCE.md; keep the two in step.
 ZONE_ALIASES = {"UK": "GB", "EL": "GR"}

@@ -251,7 +251,10 @@ class EntsoeSource:
         self.eic = resolve_zone(cfg.zone or zone)
         self.poll_interval_seconds = cfg.poll_interval_seconds or 3600.0
         self._key_env, self._key_file = cfg.api_key_env, cfg.api_key_file
-        self._token = read_secret(NAME, self._key_env, self._key_file, required=False)
+        try:
+            self._token = read_secret(NAME, self._key_env, self._key_file, required=False)
+        except SourceError:
+            self._token = None  # unreadable key file: reported (as 'auth') by the first fetch
         self.client = HttpClient(NAME, cfg.base_url, cfg.timeout_seconds, self.secrets())
 
     def secrets(self) -> tuple[str, ...]:

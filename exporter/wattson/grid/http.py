@@ -20,14 +20,17 @@ import requests
 import urllib3
 
 from .. import __version__
-from .base import SourceError
+from .base import MissingSecret, SourceError
 
 USER_AGENT = f"wattson/{__version__} (+https://github.com/wattson-energy/wattson)"
 MAX_BODY_BYTES = 16 * 1024 * 1024  # the largest real answer (a week of ENTSO-E quarter-hours) is ~1 MB
 
 
-def read_secret(source: str, env: str | None, file: str | None, *, required: bool) -> str | None:
-    """Read an API key from an environment variable or a file. Never from the config file itself."""
+def read_secret(source: str, env: str | None, file: str | None, *, required: bool,
+                what: str = "API key") -> str | None:
+    """Read an API key from an environment variable or a file. Never from the config file itself.
+
+    Raises MissingSecret when the file cannot be read, or when nothing is found and the key is required."""
     if env:
         value = os.environ.get(env, "").strip()
         if value:
@@ -35,14 +38,15 @@ def read_secret(source: str, env: str | None, file: str | None, *, required: boo
     if file:
         try:
             value = Path(file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise SourceError("auth", f"{source}: cannot read api key file {file}: {exc.strerror}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise MissingSecret(f"{source}: cannot read {what} file {file}: {why}") from None
         if value:
             return value
     if required:
-        where = " or ".join(x for x in (f"environment variable {env}" if env else "",
-                                       f"file {file}" if file else "") if x)
-        raise SourceError("auth", f"{source}: no API key found in {where or 'api_key_env/api_key_file'}")
+        where = " or ".join(x for x in (f"environment variable {env} (unset or empty)" if env else "",
+                                       f"file {file} (empty)" if file else "") if x)
+        raise MissingSecret(f"{source}: no {what} found in {where or 'api_key_env/api_key_file (neither set)'}")
     return None
 
 

@@ -108,7 +108,11 @@ class OctopusSource:
         self.cfg = cfg
         self.poll_interval_seconds = cfg.poll_interval_seconds or 1800.0
         # Public products need no key; an account key (basic auth user) unlocks private ones.
-        self._key = read_secret(NAME, cfg.api_key_env, cfg.api_key_file, required=False)
+        self._key_error: SourceError | None = None
+        try:
+            self._key = read_secret(NAME, cfg.api_key_env, cfg.api_key_file, required=False)
+        except SourceError as exc:
+            self._key, self._key_error = None, exc  # an unreadable key file: each fetch reports it ('auth')
         self.client = HttpClient(NAME, cfg.base_url, cfg.timeout_seconds, self.secrets())
         self.path = (f"/v1/products/{cfg.product_code}/electricity-tariffs/{cfg.tariff_code}"
                      "/standard-unit-rates/")
@@ -127,6 +131,10 @@ class OctopusSource:
         return urlunsplit((base.scheme, base.netloc, base.path.rstrip("/") + nxt.path, nxt.query, ""))
 
     def fetch(self, now: float) -> FetchResult:
+        if self._key_error is not None:  # the key file named was unreadable: try again, fail while it is
+            self._key = read_secret(NAME, self.cfg.api_key_env, self.cfg.api_key_file, required=False)
+            self._key_error = None
+            self.client.secrets = self.secrets()
         period_from = math.floor(now / 1800) * 1800 - self.cfg.hours_back * 3600
         period_to = math.floor(now / 1800) * 1800 + self.cfg.hours_ahead * 3600
         auth = (self._key, "") if self._key else None

@@ -7,9 +7,11 @@ config into signal chains (not yet started): each source with the transform its 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..logfmt import kv
 from ..model import PriceAdjustments
 from . import (
     awattar,
@@ -27,6 +29,8 @@ from .signal import GridSignals, SignalChain
 
 if TYPE_CHECKING:
     from ..config import CarbonSignalConfig, Config, PriceSignalConfig
+
+log = logging.getLogger("wattson.grid")
 
 Factory = Callable[[Any, str], GridSource]
 
@@ -61,13 +65,15 @@ def value_transform(cfg: Any) -> Callable[[float], float]:
     """What a source's own config does to its values before export. Price sources carry retail
     adjustments: exported price = (price + adder_per_kwh) * multiplier. Carbon values pass unchanged."""
     if isinstance(cfg, PriceAdjustments):
-        adder, multiplier = cfg.adder_per_kwh, cfg.multiplier
-        return lambda value: (value + adder) * multiplier
+        return cfg.adjust
     return _unchanged
 
 
-def build_grid(cfg: Config) -> GridSignals:
-    """The configured chains; a source that rejects its settings is a config error naming its key."""
+def build_grid(cfg: Config, previous: GridSignals | None = None) -> GridSignals:
+    """The configured chains, not started; a source that rejects its settings is a config error naming
+    its key. With `previous` (the running grid, on reload), every source whose signal, zone, type and
+    config are unchanged carries over its cache, error counters, health and schedule; the others start
+    fresh. The caller stops the previous grid and starts this one; nothing is shared between the two."""
     from ..config import ConfigError  # imported here: config imports this module for the source tables
 
     wanted: tuple[tuple[Signal, CarbonSignalConfig | PriceSignalConfig | None], ...] = (
@@ -75,7 +81,7 @@ def build_grid(cfg: Config) -> GridSignals:
     chains: dict[Signal, SignalChain] = {}
     for signal, sig in wanted:
         if sig is None:
-            continue
+            continue  # disabled: no chain
         sources: list[GridSource] = []
         src_cfg: Any  # one of the models in the tables above; config.py builds their union at run time
         for i, src_cfg in enumerate(sig.sources):
@@ -84,5 +90,12 @@ def build_grid(cfg: Config) -> GridSignals:
             except (ValueError, KeyError) as exc:
                 raise ConfigError(f"grid.{signal}.sources[{i}] ({src_cfg.type}): {exc}") from None
         transforms = [value_transform(src_cfg) for src_cfg in sig.sources]
-        chains[signal] = SignalChain(signal, sig.zone, sig.max_age_seconds, sources, transforms)
+        chain = SignalChain(signal, sig.zone, sig.max_age_seconds, sources, transforms, configs=sig.sources)
+        old = previous.chain(signal) if previous is not None else None
+        if old is not None:
+            kept = chain.adopt_from(old)
+            log.debug("grid sources carried over", extra=kv(
+                signal=signal, kept=",".join(sources[i].name for i in kept) or "none",
+                fresh=len(sources) - len(kept)))
+        chains[signal] = chain
     return GridSignals(pue=cfg.grid.pue, carbon=chains.get("carbon"), price=chains.get("price"))

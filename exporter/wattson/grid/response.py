@@ -24,9 +24,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, PlainValidator, Vali
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .base import ERROR_REASONS, SourceError
+from .limits import DEFAULT_MAX_ABS_PRICE_PER_KWH, MAX_GRAMS_PER_KWH
 
-MAX_GRAMS_PER_KWH = 5000.0  # no grid on Earth is dirtier than pure lignite (~1,100 g/kWh); this is "absurd"
-MAX_ABS_PRICE_PER_KWH = Decimal(100)  # in any currency: more is a unit mistake, not a market price
+# The providers validated here price in EUR or GBP: more per kWh is a unit mistake, not a market price.
+MAX_ABS_PRICE_PER_KWH = Decimal(int(DEFAULT_MAX_ABS_PRICE_PER_KWH))
 
 
 class ApiModel(BaseModel):

@@ -6,6 +6,10 @@ shared by all GPUs), keeps the last good intervals of each, and answers "which v
 at time t" from an immutable `ChainState` that is swapped atomically, so lookups from the sampler
 take no lock and never touch the network. `GridSignals.now` turns the chains' states into the
 snapshot's view: each signal as it stands, and each source's health.
+
+What a chain knows about a source (its data, counters, health and schedule) outlives the chain: a reload
+hands it to the new chain when the source's config did not change (`SignalChain.adopt_from`), and a
+restart reads it back from the state file (`GridSignals.export_state` / `restore_state`).
 """
 
 from __future__ import annotations
@@ -15,19 +19,22 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any
 
 from ..logfmt import kv
-from .base import ERROR_REASONS, FetchResult, GridSource, Interval, Signal, SourceError
+from . import state as saved
+from .base import ERROR_REASONS, FetchResult, GridSource, Interval, MissingSecret, Signal, SourceError
 from .http import redact
+from .limits import MAX_GRAMS_PER_KWH, max_abs_price_per_kwh
 
 log = logging.getLogger("wattson.grid")
 
 MAX_BACKOFF_SECONDS = 900.0
 MIN_BACKOFF_SECONDS = 5.0
-# Values outside these are rejected as absurd even if a source let them through.
-VALUE_BOUNDS: dict[str, tuple[float, float]] = {"carbon": (0.0, 5000.0), "price": (-100.0, 100.0)}
+SIGNALS: tuple[Signal, ...] = ("carbon", "price")
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,18 @@ class SourceStatus:
     errors: dict[str, int]  # reason -> count
     last_success: float | None
     last_error: str | None
+
+
+@dataclass(frozen=True)
+class SourceRuntime:
+    """Everything a chain knows about one source beyond its config: what a reload carries over."""
+
+    cache: SourceCache | None
+    status: SourceStatus
+    failures: int  # failed fetches in a row
+    next_poll: float  # UNIX time of the next fetch
+    down_since: float | None  # first failure of the current run of failures
+    secret_warned: bool  # the missing API key was logged at warning level already
 
 
 @dataclass(frozen=True)
@@ -140,24 +159,36 @@ class ChainState:
 
 class SignalChain:
     """Polls the sources of one signal, each from its own thread (a slow provider never delays its
-    fallback), and publishes ChainState snapshots."""
+    fallback), and publishes ChainState snapshots.
+
+    `configs` are the sources' config models (None for a source built without one, as in tests): they
+    identify a source across a reload or a restart, and carry its `max_abs_price_per_kwh`."""
 
     def __init__(self, signal: Signal, zone: str, max_age: float, sources: list[GridSource],
                  transforms: list[Callable[[float], float]] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, configs: Sequence[Any] | None = None) -> None:
         self.signal = signal
         self.zone = zone
         self.max_age = max_age
         self.sources = sources
         self.transforms = transforms or [lambda v: v for _ in sources]
         self.clock = clock
-        self._lock = threading.Lock()  # serialises writers only; readers use self.state
+        self.configs: tuple[Any, ...] = tuple(configs) if configs is not None else tuple(None for _ in sources)
+        if len(self.configs) != len(sources):
+            raise ValueError("one config per source")
+        self._digests = tuple(saved.config_digest(c) for c in self.configs)
+        self._price_limits = tuple(getattr(c, "max_abs_price_per_kwh", None) for c in self.configs)
+        # Writers (each source's poller, adoption, restore) change a source's fields and publish under this
+        # lock; readers use self.state and take none.
+        self._lock = threading.Lock()
         self._errors: list[dict[str, int]] = [{} for _ in sources]
-        self._statuses = [SourceStatus(s.name, None, {}, None, None) for s in sources]
         self._next_poll = [0.0 for _ in sources]
         self._failures = [0 for _ in sources]
+        self._down_since: list[float | None] = [None for _ in sources]
+        self._secret_warned = [False for _ in sources]
         self.state = ChainState(signal, zone, max_age, tuple(s.name for s in sources),
-                                tuple(None for _ in sources), tuple(self._statuses))
+                                tuple(None for _ in sources),
+                                tuple(SourceStatus(s.name, None, {}, None, None) for s in sources))
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._rng = random.Random()
@@ -180,64 +211,175 @@ class SignalChain:
         try:
             result = source.fetch(now)
             cache = SourceCache.from_result(result, now, self.transforms[i])
-            self._validate(source, cache)
+            self._validate(i, source, cache)
         except SourceError as exc:
-            self._record_failure(i, source, exc.reason, str(exc), exc.retry_after, now)
+            self._record_failure(i, source, exc, now)
             return
         except Exception as exc:  # a bug in one source must not stop the others
-            self._record_failure(i, source, "malformed", f"{source.name}: unexpected {type(exc).__name__}: {exc}",
-                                 None, now)
+            self._record_failure(i, source, SourceError(
+                "malformed", f"{source.name}: unexpected {type(exc).__name__}: {exc}"), now)
             return
-        self._failures[i] = 0
         delay = result.next_poll_seconds if result.next_poll_seconds is not None else self.poll_interval(source)
-        self._next_poll[i] = now + max(1.0, min(delay, self.poll_interval(source)))
-        status = SourceStatus(source.name, True, dict(self._errors[i]), now, None)
-        self._publish(i, status, cache)
+        with self._lock:
+            failures, down_since = self._failures[i], self._down_since[i]
+            self._failures[i], self._down_since[i], self._secret_warned[i] = 0, None, False
+            self._next_poll[i] = now + max(1.0, min(delay, self.poll_interval(source)))
+            status = SourceStatus(source.name, True, dict(self._errors[i]), now, None)
+            self._publish(i, status, cache)
+        if failures:
+            log.info("source recovered", extra=kv(
+                source=source.name, signal=self.signal, failures=failures,
+                down_seconds=round(now - down_since, 1) if down_since is not None else None))
         log.debug("source fetched", extra=kv(source=source.name, signal=self.signal,
                                              intervals=len(cache.intervals)))
 
-    def _validate(self, source: GridSource, cache: SourceCache) -> None:
+    def price_limit(self, i: int, currency: str | None) -> float:
+        """The largest |price| per kWh source `i` may export in `currency`."""
+        return max_abs_price_per_kwh(currency, self._price_limits[i])
+
+    def _validate(self, i: int, source: GridSource, cache: SourceCache) -> None:
         if not cache.intervals:
             raise SourceError("no_data", f"{source.name}: response held no usable intervals")
-        low, high = VALUE_BOUNDS[self.signal]
+        if self.signal == "price" and not cache.currency:
+            raise SourceError("missing_field", f"{source.name}: price source returned no currency")
+        if self.signal == "carbon":
+            low, high = 0.0, MAX_GRAMS_PER_KWH
+        else:
+            limit = self.price_limit(i, cache.currency)
+            low, high = -limit, limit
         for iv in cache.intervals:
             if iv.end <= iv.start:
                 raise SourceError("malformed", f"{source.name}: interval ends before it starts at {iv.start:.0f}")
             if not low <= iv.value <= high:
                 raise SourceError("invalid_value", f"{source.name}: {self.signal} value {iv.value:g} "
                                   f"outside [{low:g}, {high:g}] at {iv.start:.0f}")
-        if self.signal == "price" and not cache.currency:
-            raise SourceError("missing_field", f"{source.name}: price source returned no currency")
 
-    def _record_failure(self, i: int, source: GridSource, reason: str, message: str,
-                        retry_after: float | None, now: float) -> None:
-        reason = reason if reason in ERROR_REASONS else "malformed"
-        self._errors[i][reason] = self._errors[i].get(reason, 0) + 1
-        self._failures[i] += 1
-        base = min(MAX_BACKOFF_SECONDS, MIN_BACKOFF_SECONDS * 2 ** (self._failures[i] - 1),
-                   self.poll_interval(source))
-        # Equal jitter: half the backoff is kept, the other half drawn at random. The kept half still backs
-        # off; the random half keeps a fleet from polling in step.
-        delay = base / 2 + self._rng.uniform(0.0, base / 2)
-        if retry_after is not None:
-            delay = max(delay, retry_after)
-        self._next_poll[i] = now + delay
-        message = redact(message, source.secrets())
-        prev = self.state.statuses[i]
-        status = SourceStatus(source.name, False, dict(self._errors[i]), prev.last_success, message)
-        self._publish(i, status, None)
-        log.warning("source fetch failed", extra=kv(source=source.name, signal=self.signal, reason=reason,
-                                                    err=message, retry_in_seconds=round(delay, 1)))
-
-    def _publish(self, i: int, status: SourceStatus, cache: SourceCache | None) -> None:
+    def _record_failure(self, i: int, source: GridSource, exc: SourceError, now: float) -> None:
+        reason = exc.reason if exc.reason in ERROR_REASONS else "malformed"
+        message = redact(str(exc), source.secrets())
+        missing_secret = isinstance(exc, MissingSecret)
         with self._lock:
-            caches = list(self.state.caches)
-            if cache is not None:
-                caches[i] = cache
-            statuses = list(self.state.statuses)
-            statuses[i] = status
-            self.state = ChainState(self.signal, self.zone, self.max_age, self.state.sources,
-                                    tuple(caches), tuple(statuses))
+            self._errors[i][reason] = self._errors[i].get(reason, 0) + 1
+            self._failures[i] += 1
+            if self._down_since[i] is None:
+                self._down_since[i] = now
+            base = min(MAX_BACKOFF_SECONDS, MIN_BACKOFF_SECONDS * 2 ** (self._failures[i] - 1),
+                       self.poll_interval(source))
+            # Equal jitter: half the backoff is kept, the other half drawn at random. The kept half still
+            # backs off; the random half keeps a fleet from polling in step.
+            delay = base / 2 + self._rng.uniform(0.0, base / 2)
+            if exc.retry_after is not None:
+                delay = max(delay, exc.retry_after)
+            self._next_poll[i] = now + delay
+            already_warned = missing_secret and self._secret_warned[i]
+            self._secret_warned[i] = missing_secret
+            prev = self.state.statuses[i]
+            status = SourceStatus(source.name, False, dict(self._errors[i]), prev.last_success, message)
+            self._publish(i, status, None)
+        fields = kv(source=source.name, signal=self.signal, reason=reason, err=message,
+                    retry_in_seconds=round(delay, 1))
+        if already_warned:
+            # Said once already; the source stays down (counted as 'auth') until a key is provided.
+            log.debug("source fetch failed", extra=fields)
+        elif missing_secret:
+            log.warning("source has no API key; it stays down until one is provided", extra=kv(
+                source=source.name, signal=self.signal, reason=reason, err=message))
+        else:
+            log.warning("source fetch failed", extra=fields)
+
+    def _publish(self, i: int, status: SourceStatus, cache: SourceCache | None, *,
+                 replace_cache: bool = False) -> None:
+        """Swap in a new state with source `i` changed. Callers hold self._lock."""
+        caches = list(self.state.caches)
+        if cache is not None or replace_cache:
+            caches[i] = cache
+        statuses = list(self.state.statuses)
+        statuses[i] = status
+        self.state = ChainState(self.signal, self.zone, self.max_age, self.state.sources,
+                                tuple(caches), tuple(statuses))
+
+    # --- carrying state over a reload ----------------------------------------------------------------
+
+    def identity(self, i: int) -> tuple[str, str, str, str]:
+        """What must be unchanged for source `i` to keep its state: signal, zone, type and config."""
+        return (self.signal, self.zone, self.sources[i].name, self._digests[i])
+
+    def runtime(self, i: int) -> SourceRuntime:
+        """Source `i` as it stands, consistently (its poller may be running)."""
+        with self._lock:
+            return SourceRuntime(self.state.caches[i], self.state.statuses[i], self._failures[i],
+                                 self._next_poll[i], self._down_since[i], self._secret_warned[i])
+
+    def adopt(self, i: int, rt: SourceRuntime) -> None:
+        """Take over what another chain knew about the same source: its cache, counters, health and
+        schedule, so a reload neither forgets data nor refetches early. A shorter max_age may only bring
+        the next poll forward; a backoff or Retry-After wait in progress stands."""
+        source = self.sources[i]
+        next_poll = rt.next_poll
+        if rt.failures == 0 and rt.cache is not None:
+            next_poll = min(next_poll, rt.cache.fetched_at + self.poll_interval(source))
+        with self._lock:
+            self._errors[i] = dict(rt.status.errors)
+            self._failures[i] = rt.failures
+            self._next_poll[i] = next_poll
+            self._down_since[i] = rt.down_since
+            self._secret_warned[i] = rt.secret_warned
+            self._publish(i, replace(rt.status, name=source.name, errors=dict(rt.status.errors)), rt.cache,
+                          replace_cache=True)
+
+    def adopt_from(self, previous: SignalChain) -> list[int]:
+        """Adopt the state of every source of `previous` whose identity is unchanged (same position
+        preferred, else the first unused match: a source moved in the chain keeps its state too).
+        Call before start(). Returns the indexes of the sources that carried over."""
+        prev_ids = [previous.identity(j) for j in range(len(previous.sources))]
+        used: set[int] = set()
+        adopted: list[int] = []
+        for i in range(len(self.sources)):
+            ident = self.identity(i)
+            matches = [j for j, other in enumerate(prev_ids) if other == ident and j not in used]
+            if not matches:
+                continue
+            j = i if i in matches else matches[0]
+            used.add(j)
+            self.adopt(i, previous.runtime(j))
+            adopted.append(i)
+        return adopted
+
+    # --- saving and restoring state across restarts --------------------------------------------------
+
+    def state_key(self, i: int) -> str:
+        return saved.source_key(self.signal, self.zone, i, self.sources[i].name, self._digests[i])
+
+    def export_source(self, i: int) -> dict[str, Any]:
+        rt = self.runtime(i)
+        c = rt.cache
+        return saved.dump_source(rt.status.up, rt.status.errors, rt.status.last_success,
+                                 c.intervals if c is not None else None, c.currency if c is not None else None,
+                                 c.fetched_at if c is not None else None)
+
+    def restore_source(self, i: int, entry: saved.SavedSource, now: float) -> None:
+        """Install a saved entry: its cache unless this chain holds newer data, its counters added to
+        what this chain counted. A fresh restored cache is refetched one poll interval after it was
+        fetched, as if the daemon had never stopped; a stale one at once."""
+        source = self.sources[i]
+        with self._lock:
+            current_cache, current = self.state.caches[i], self.state.statuses[i]
+            cache = current_cache
+            if entry.intervals is not None and entry.fetched_at is not None and (
+                    current_cache is None or entry.fetched_at > current_cache.fetched_at):
+                cache = SourceCache(entry.intervals, tuple(iv.start for iv in entry.intervals), entry.currency,
+                                    entry.fetched_at)
+            for reason, n in entry.errors.items():
+                self._errors[i][reason] = self._errors[i].get(reason, 0) + n
+            last = max((t for t in (current.last_success, entry.last_success) if t is not None), default=None)
+            untried = current.up is None and self._failures[i] == 0
+            up = entry.up if untried else current.up
+            if untried and cache is not None and now - cache.fetched_at <= self.max_age:
+                self._next_poll[i] = max(self._next_poll[i], cache.fetched_at + self.poll_interval(source))
+            status = SourceStatus(source.name, up, dict(self._errors[i]), last, current.last_error)
+            self._publish(i, status, cache, replace_cache=True)
+
+    # --- threads ---------------------------------------------------------------------------------
 
     def _run(self, i: int) -> None:
         while not self._stop.is_set():
@@ -253,7 +395,8 @@ class SignalChain:
 
     def stop(self) -> None:
         """Ask the pollers to stop. A fetch in flight may take up to its timeout; the threads are daemons,
-        so shutdown does not wait for them."""
+        so shutdown does not wait for them. Nothing here is shared with a chain that adopted this one's
+        state, so stopping it never touches that chain."""
         self._stop.set()
 
 
@@ -295,7 +438,9 @@ def _merge(a: SourceSnapshot, b: SourceSnapshot) -> SourceSnapshot:
 
 @dataclass
 class GridSignals:
-    """The configured chains (either may be absent) plus the PUE."""
+    """The configured chains plus the PUE. A chain that is None is disabled (`grid.price: null`): nothing is
+    exported for that signal and no energy is unpriced for it. That differs from a configured chain with no
+    data, whose energy is counted as unpriced."""
 
     pue: float = 1.0
     carbon: SignalChain | None = None
@@ -325,6 +470,67 @@ class GridSignals:
                 key = (state.signal, st.name)
                 sources[key] = _merge(sources[key], snap) if key in sources else snap
         return tuple(signals), tuple(sources[k] for k in sorted(sources))
+
+    def chain(self, signal: str) -> SignalChain | None:
+        return self.carbon if signal == "carbon" else self.price if signal == "price" else None
+
+    def is_disabled(self, signal: str) -> bool:
+        """True when the signal is switched off (None): its energy is neither priced nor unpriced."""
+        return self.chain(signal) is None
+
+    def describe(self) -> str:
+        """One line for the log: each signal's zone and fallback chain, e.g.
+        'carbon=DE:electricitymaps>bundled price=DE:entsoe>static'."""
+        parts = []
+        for signal in SIGNALS:
+            chain = self.chain(signal)
+            parts.append(f"{signal}=disabled" if chain is None
+                         else f"{signal}={chain.zone}:{'>'.join(s.name for s in chain.sources)}")
+        return " ".join(parts)
+
+    def export_state(self) -> dict[str, Any]:
+        """Each source's cache and counters as JSON-ready data, for `restore_state` after a restart. Keys
+        name signal, zone, position, type and a hash of the source's config."""
+        sources = {chain.state_key(i): chain.export_source(i)
+                   for chain in self.chains for i in range(len(chain.sources))}
+        return {"version": saved.STATE_VERSION, "sources": sources}
+
+    def restore_state(self, data: Any, now: float | None = None) -> list[str]:
+        """Install what `export_state` saved for each source whose key still matches (a source whose
+        config, position, zone or signal changed does not match; its entry is ignored). Every field is
+        checked; a bad entry is skipped and described in the returned one-line problems. Never raises.
+        Call before start(). Restored caches obey max_age like fetched ones."""
+        if now is None:
+            now = self.chains[0].clock() if self.chains else time.time()
+        try:
+            return self._restore(data, now)
+        except Exception as exc:  # never let a broken file stop the daemon; say what happened
+            return [f"grid state: not restored: unexpected {type(exc).__name__}"]
+
+    def _restore(self, data: Any, now: float) -> list[str]:
+        if not isinstance(data, dict):
+            return ["grid state: not a mapping; nothing restored"]
+        if not data:
+            return []  # nothing was saved (a state file from before the grid had any): not a problem
+        version = data.get("version")
+        if type(version) is not int or version != saved.STATE_VERSION:  # `true == 1` in Python
+            return [f"grid state: version {str(version)[:20]} is not {saved.STATE_VERSION}; nothing restored"]
+        entries = data.get("sources")
+        if not isinstance(entries, dict):
+            return ["grid state: 'sources' is not a mapping; nothing restored"]
+        problems: list[str] = []
+        for chain in self.chains:
+            for i in range(len(chain.sources)):
+                key = chain.state_key(i)
+                if key not in entries:
+                    continue
+                try:
+                    entry = saved.parse_source(entries[key], chain.signal, now, partial(chain.price_limit, i))
+                except ValueError as exc:
+                    problems.append(f"grid state: {key}: {exc}; entry skipped")
+                    continue
+                chain.restore_source(i, entry, now)
+        return problems
 
     def start(self) -> None:
         for c in self.chains:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..model import PriceAdjustments, SourceConfigBase
 from .base import FetchResult, Interval, Signal
+from .limits import MAX_GRAMS_PER_KWH
 
 # A constant is valid forever; one far-future bound keeps interval arithmetic finite.
 FOREVER = 4102444800.0  # 2100-01-01T00:00:00Z
@@ -15,13 +16,19 @@ FOREVER = 4102444800.0  # 2100-01-01T00:00:00Z
 
 class StaticCarbonConfig(SourceConfigBase):
     type: Literal["static"]
-    grams_per_kwh: float = Field(ge=0, le=5000, description="Constant grid carbon intensity in gCO2e/kWh.")
+    grams_per_kwh: float = Field(ge=0, le=MAX_GRAMS_PER_KWH,
+                                 description="Constant grid carbon intensity in gCO2e/kWh.")
 
 
 class StaticPriceConfig(SourceConfigBase, PriceAdjustments):
     type: Literal["static"]
     price_per_kwh: float = Field(description="Flat tariff in currency units per kWh (may be negative).")
     currency: str = Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code, e.g. EUR.")
+
+    @model_validator(mode="after")
+    def _plausible(self) -> StaticPriceConfig:
+        self.check_price(("price_per_kwh",), self.price_per_kwh, self.currency)
+        return self
 
 
 class StaticSource:

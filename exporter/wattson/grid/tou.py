@@ -25,7 +25,6 @@ from .base import FetchResult, Interval, Signal
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 DAY_GROUPS = {"weekdays": DAY_NAMES[:5], "weekend": DAY_NAMES[5:], "all": DAY_NAMES}
 MINUTES_PER_DAY = 24 * 60
-MAX_ABS_PRICE_PER_KWH = 100.0
 _HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$|^24:00$")
 
 DayName = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -64,14 +63,6 @@ class Band(StrictModel):
                 raise ValueError("days must not be empty")
             if len(set(v)) != len(v):
                 raise ValueError(f"days lists a day twice: {v}")
-        return v
-
-    @field_validator("price_per_kwh")
-    @classmethod
-    def _check_price(cls, v: float) -> float:
-        if not math.isfinite(v) or abs(v) > MAX_ABS_PRICE_PER_KWH:
-            raise ValueError(f"price_per_kwh {v} is not a plausible price "
-                             f"(|price| <= {MAX_ABS_PRICE_PER_KWH:g})")
         return v
 
     @model_validator(mode="after")
@@ -118,15 +109,13 @@ class Config(SourceConfigBase, PriceAdjustments):
             raise ValueError(f"unknown IANA time zone {v!r}") from None
         return v
 
-    @field_validator("default_price_per_kwh")
-    @classmethod
-    def _check_default(cls, v: float | None) -> float | None:
-        if v is not None and (not math.isfinite(v) or abs(v) > MAX_ABS_PRICE_PER_KWH):
-            raise ValueError(f"default_price_per_kwh {v} is not a plausible price")
-        return v
-
     @model_validator(mode="after")
     def _check_schedule(self) -> Config:
+        # Prices are plausible for the currency (bands have no currency of their own, so checked here).
+        for i, band in enumerate(self.bands):
+            self.check_price(("bands", i, "price_per_kwh"), band.price_per_kwh, self.currency)
+        if self.default_price_per_kwh is not None:
+            self.check_price(("default_price_per_kwh",), self.default_price_per_kwh, self.currency)
         week = WeekTable.build(self.bands)
         if self.default_price_per_kwh is None:
             gap = week.first_gap()

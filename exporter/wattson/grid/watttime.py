@@ -22,9 +22,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, StringConstraints, ValidationInfo
 
 from ..model import SourceConfigBase
-from .base import LBS_PER_MWH_TO_G_PER_KWH, FetchResult, Interval, Signal, SourceError
+from .base import LBS_PER_MWH_TO_G_PER_KWH, FetchResult, Interval, MissingSecret, Signal, SourceError
 from .http import HttpClient, read_secret
-from .response import MAX_GRAMS_PER_KWH, ApiModel, IsoTime, SameZone, asked, fault, parse, show
+from .limits import MAX_GRAMS_PER_KWH
+from .response import ApiModel, IsoTime, SameZone, asked, fault, parse, show
 
 NAME = "watttime"
 DEFAULT_BASE_URL = "https://api.watttime.org"
@@ -134,22 +135,16 @@ class WattTimeSource:
 
     # --- auth -------------------------------------------------------------------------------
     def _read_password(self) -> str:
-        try:
-            password = read_secret(NAME, self.cfg.password_env, self.cfg.password_file, required=False)
-        except SourceError as exc:
-            raise SourceError("auth", str(exc).replace("api key", "password")) from None
-        if not password:
-            where = " or ".join(x for x in (f"environment variable {self.cfg.password_env}"
-                                            if self.cfg.password_env else "",
-                                            f"file {self.cfg.password_file}" if self.cfg.password_file else "")
-                                if x)
-            raise SourceError("auth", f"{NAME}: no password found in {where or 'password_env/password_file'}")
+        """The password, re-read at each login (picks up a rotated one); MissingSecret when there is none."""
+        password = read_secret(NAME, self.cfg.password_env, self.cfg.password_file, required=True,
+                               what="password")
+        assert password is not None
         return password
 
     def _login(self) -> str:
+        self._password = self._read_password()  # MissingSecret as is: the chain reports it once
+        self.http.secrets = self.secrets()
         try:
-            self._password = self._read_password()  # re-read each login: picks up a rotated password
-            self.http.secrets = self.secrets()
             body = self.http.get_json(LOGIN_PATH, auth=(self.cfg.username, self._password))
             token = parse(Login, body, f"{NAME}: GET {LOGIN_PATH}").token
         except SourceError as exc:
@@ -196,7 +191,7 @@ class WattTimeSource:
             try:
                 body = self._get(HISTORICAL_PATH, params)
             except SourceError as exc:
-                if isinstance(exc, LoginError) or exc.reason not in OPTIONAL_FAILURES:
+                if isinstance(exc, (LoginError, MissingSecret)) or exc.reason not in OPTIONAL_FAILURES:
                     raise
                 notes["historical"] = f"unavailable ({exc.reason}): {exc}"
             else:

@@ -248,6 +248,66 @@ class WorkloadTracker:
                 for wkey in [k for k in self._info if k not in live]:
                     del self._info[wkey]
 
+    # -- durable state -------------------------------------------------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """Every series' totals and the workloads' descriptions, JSON-serialisable, for the state file."""
+        with self._lock:
+            return {
+                "series": [[gpu, uuid, kind, wid, t.energy_joules.value, {c: v.value for c, v in t.cost.items()},
+                            {c: v.value for c, v in t.credit.items()}, t.co2e_grams.value]
+                           for (gpu, uuid, kind, wid), t in self._series.items()],
+                "info": [[w.kind, w.id, w.user, w.pod, w.namespace] for w in self._info.values()],
+                "overflowed": [[gpu, uuid, n] for (gpu, uuid), n in self._overflowed.items()],
+            }
+
+    def restore_state(self, data: dict[str, Any]) -> int:
+        """Continue the totals a previous run saved (series of GPUs this host has again); returns how many
+        entries were malformed and skipped. Restored workloads expire by retention from now."""
+        now = self.clock()
+        bad = 0
+        with self._lock:
+            for entry in data.get("series", []) if isinstance(data.get("series"), list) else []:
+                try:
+                    gpu, uuid, kind, wid, energy, cost, credit, grams = entry
+                    key = (int(gpu), str(uuid), str(kind), str(wid))
+                    totals = _Totals()
+                    totals.energy_joules.add(float(energy))
+                    for currency, amount in dict(cost).items():
+                        totals.cost.setdefault(str(currency), ExactSum()).add(float(amount))
+                    for currency, amount in dict(credit).items():
+                        totals.credit.setdefault(str(currency), ExactSum()).add(float(amount))
+                    totals.co2e_grams.add(float(grams))
+                    if min(totals.energy_joules.value, totals.co2e_grams.value) < 0:
+                        raise ValueError("negative total")
+                except (TypeError, ValueError):
+                    bad += 1
+                    continue
+                totals.last_seen = now
+                if key not in self._series and key[2] not in SPECIAL_KINDS:
+                    if self._workload_series >= self.max_series:
+                        continue  # the cap may have been lowered: keep within it
+                    self._workload_series += 1
+                self._series[key] = totals
+                self._dirty.add(key)
+            for entry in data.get("info", []) if isinstance(data.get("info"), list) else []:
+                try:
+                    kind, wid, user, pod, namespace = (str(x) for x in entry)
+                except (TypeError, ValueError):
+                    bad += 1
+                    continue
+                if any(k[2] == kind and k[3] == wid for k in self._series):
+                    self._info[(kind, wid)] = Workload(kind, wid, user, pod, namespace)
+            for entry in data.get("overflowed", []) if isinstance(data.get("overflowed"), list) else []:
+                try:
+                    gpu, uuid, n = entry
+                    self._overflowed[(int(gpu), str(uuid))] = max(int(n), self._overflowed.get((int(gpu),
+                                                                                                 str(uuid)), 0))
+                except (TypeError, ValueError):
+                    bad += 1
+            self._changed = self._keys_changed = True
+        return bad
+
     # -- tests -------------------------------------------------------------------------------------
 
     def exact_totals(self) -> dict[SeriesKey, dict[str, Any]]:
