@@ -68,12 +68,23 @@ class Panel:
 
 
 @dataclass(frozen=True)
+class TextVariable:
+    """A free-text dashboard variable (Grafana's textbox) and the value a fresh dashboard starts with."""
+
+    name: str
+    label: str
+    default: str
+    description: str
+
+
+@dataclass(frozen=True)
 class Dashboard:
     uid: str
     title: str
     description: str
     panels: tuple[Panel, ...]
     time_from: str = "now-24h"
+    text_variables: tuple[TextVariable, ...] = ()
 
     @property
     def filename(self) -> str:
@@ -244,7 +255,37 @@ GRID = Dashboard(
                  f"[$__rate_interval]))", "{{instance}} {{signal}}"),), width=8, height=6),
         Panel("stat", "PUE", "Power usage effectiveness applied to GPU energy for cost and CO2e.", "none",
               (q(f"wattson_pue{{{HOST}}}", "{{instance}}"),), width=24, height=4),
+        Panel("bargauge", "Best window starts in", "How long until the window of each length (grid.forecast.windows) "
+              "with the lowest average carbon intensity or price starts, in the data of the source serving the "
+              "signal now; 0 = now. No bar where those data do not reach that far ahead.", "s",
+              (q(f"clamp_min(wattson_grid_best_window_start_timestamp_seconds{{{HOST}}} - time(), 0)",
+                 "{{instance}} {{signal}} {{window}}", instant=True),), width=8, height=8),
+        Panel("bargauge", "Carbon intensity now and in the best window", "Grid carbon intensity in force now and "
+              "its average over the best window of each length.", GRAMS_PER_KWH,
+              (q(f"wattson_grid_carbon_intensity_grams_per_kwh{{{HOST}}}", "{{instance}} {{zone}} now", instant=True),
+               q(f"wattson_grid_carbon_intensity_best_window_grams_per_kwh{{{HOST}}}",
+                 "{{instance}} {{zone}} best {{window}}", instant=True)), width=8, height=8),
+        Panel("bargauge", "Price now and in the best window", "Electricity price in force now and its average over "
+              "the best window of each length, retail adjustments included.", MONEY,
+              (q(f"wattson_electricity_price_per_kwh{{{HOST}}}", "{{instance}} {{zone}} now {{currency}}",
+                 instant=True),
+               q(f"wattson_electricity_price_best_window_per_kwh{{{HOST}}}",
+                 "{{instance}} {{zone}} best {{window}} {{currency}}", instant=True)), width=8, height=8),
+        Panel("bargauge", "Saving for a job of $job_kwh kWh: cost", "What a job of $job_kwh kWh (the variable above) "
+              "saves by running in the best window of each length rather than at today's price: (price now - "
+              "best-window price) x kWh. Negative: now is cheaper.", MONEY,
+              (q(f"(wattson_electricity_price_per_kwh{{{HOST}}} - on (job, instance, zone, currency) group_right "
+                 f"wattson_electricity_price_best_window_per_kwh{{{HOST}}}) * $job_kwh",
+                 "{{instance}} {{window}} {{currency}}", instant=True),), width=12, height=8),
+        Panel("bargauge", "Saving for a job of $job_kwh kWh: CO2e", "Grams of CO2e a job of $job_kwh kWh saves by "
+              "running in the best window of each length rather than now: (intensity now - best-window intensity) "
+              "x kWh. Negative: now is cleaner.", "massg",
+              (q(f"(wattson_grid_carbon_intensity_grams_per_kwh{{{HOST}}} - on (job, instance, zone) group_right "
+                 f"wattson_grid_carbon_intensity_best_window_grams_per_kwh{{{HOST}}}) * $job_kwh",
+                 "{{instance}} {{window}}", instant=True),), width=12, height=8),
     ),
+    text_variables=(TextVariable("job_kwh", "Job energy (kWh)", "100", "Energy of the job the saving panels "
+                                 "price, in kWh (GPU energy x PUE)."),),
 )
 
 BUDGET = Dashboard(
@@ -364,6 +405,12 @@ DASHBOARDS = (FLEET, GPU, GRID, BUDGET, WORKLOADS)
 
 # --- rendering -------------------------------------------------------------------------------------
 
+def _text_variable(v: TextVariable) -> dict[str, Any]:
+    return {"name": v.name, "label": v.label, "description": v.description, "type": "textbox", "query": v.default,
+            "current": {"selected": False, "text": v.default, "value": v.default},
+            "options": [{"selected": True, "text": v.default, "value": v.default}], "hide": 0, "skipUrlSync": False}
+
+
 def _variables() -> list[dict[str, Any]]:
     def query_var(name: str, label: str, query: str, sort: int) -> dict[str, Any]:
         return {
@@ -473,7 +520,7 @@ def render(d: Dashboard) -> dict[str, Any]:
         "links": [{"type": "dashboards", "tags": TAGS, "asDropdown": False, "includeVars": True,
                    "keepTime": True, "title": "wattson", "icon": "external link", "targetBlank": False,
                    "tooltip": "", "url": ""}],
-        "templating": {"list": _variables()},
+        "templating": {"list": _variables() + [_text_variable(v) for v in d.text_variables]},
         "panels": panels,
     }
 
@@ -516,7 +563,7 @@ def substitute(expr: str, variables: dict[str, str]) -> str:
 def panel_queries(host: str | None = None, gpu: str | None = None, range_: str = "1h",
                   rate_interval: str = "1m") -> list[PanelQuery]:
     """Every query of every dashboard panel, with $host and $gpu set to one value each (None: All,
-    i.e. ".*") and $__range / $__rate_interval to the given durations."""
+    i.e. ".*"), $__range / $__rate_interval to the given durations and text variables to their defaults."""
     variables = {
         "host": ".*" if host is None else grafana_regex_value(host),
         "gpu": ".*" if gpu is None else grafana_regex_value(gpu),
@@ -524,9 +571,10 @@ def panel_queries(host: str | None = None, gpu: str | None = None, range_: str =
     }
     out = []
     for d in DASHBOARDS:
+        values = {**variables, **{v.name: v.default for v in d.text_variables}}
         for p in d.panels:
             for i, query in enumerate(p.queries):
-                out.append(PanelQuery(d.uid, p.title, chr(ord("A") + i), substitute(query.expr, variables),
+                out.append(PanelQuery(d.uid, p.title, chr(ord("A") + i), substitute(query.expr, values),
                                       query.instant))
     return out
 

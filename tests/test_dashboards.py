@@ -138,6 +138,8 @@ def expected_unit(exprs: list[str]) -> set[str]:
         return {"percentunit"}  # a share of all attributed energy
     if "energy_joules:rate" in text:
         return {"watt"}  # joules per second
+    if "* $job_kwh" in text:  # a per-kWh difference times a job's kWh: money, or grams of CO2e
+        return {GEN.MONEY} if "price" in text else {"massg"}
     if "grams_per_kwh" in text:
         return {"suffix:g/kWh"}
     if re.search(r"net_cost|cost_total|price_per_kwh|price_paid", text):

@@ -16,6 +16,7 @@ from types import FrameType
 
 from . import __version__, logfmt
 from .config import Config, ConfigError, load_config, parse_listen_address
+from .forecast_cli import forecast_main
 from .gpu.base import BackendUnavailable, GpuBackend
 from .grid.registry import build_grid
 from .logfmt import kv
@@ -241,6 +242,9 @@ def fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "forecast":
+        return forecast_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         cfg = apply_flags(load_config(args.config_file), args)

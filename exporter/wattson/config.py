@@ -13,8 +13,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from . import yamlfile
+from .grid.forecast import DEFAULT_WINDOWS, parse_windows
 from .grid.registry import CARBON_SOURCES, PRICE_SOURCES
-from .model import StrictModel
+from .model import StrictModel, field_error
 
 DEFAULT_PORT = 9874
 DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
@@ -151,6 +152,24 @@ class PriceSignalConfig(StrictModel):
         validate_default=True, min_length=1)
 
 
+class ForecastConfig(StrictModel):
+    windows: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_WINDOWS),
+        description="Job lengths to find the best (cheapest, cleanest) window for, like 90m or 3h; [] for none.")
+
+    @model_validator(mode="after")
+    def _check_windows(self) -> ForecastConfig:
+        for i in range(len(self.windows)):
+            try:
+                parse_windows(self.windows[: i + 1])
+            except ValueError as exc:
+                raise field_error(("windows", i), str(exc), self.windows[i]) from None
+        return self
+
+    def window_seconds(self) -> tuple[float, ...]:
+        return parse_windows(self.windows)
+
+
 class GridConfig(StrictModel):
     pue: float = Field(default=1.0, ge=1.0, le=5.0, description="Facility overhead factor.")
     # None (`null` in the file) disables the signal: nothing exported for it, no energy unpriced for it.
@@ -159,6 +178,8 @@ class GridConfig(StrictModel):
         default_factory=CarbonSignalConfig, description="Carbon-intensity signal; null disables it.")
     price: PriceSignalConfig | None = Field(
         default_factory=PriceSignalConfig, description="Price signal; null disables it.")
+    forecast: ForecastConfig = Field(default_factory=ForecastConfig,
+                                     description="Best windows searched in the serving source's forecast.")
 
 
 class BudgetsConfig(StrictModel):

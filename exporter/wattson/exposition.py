@@ -36,6 +36,7 @@ def snapshot_metrics(snap: Snapshot) -> Iterator[Metric]:
     yield build
     yield from _gpu_metrics(snap)
     yield from _grid_metrics(snap)
+    yield from _forecast_metrics(snap)
     yield from _budget_metrics(snap)
     sd = GaugeMetricFamily("wattson_sampler_duration_seconds",
                            "Wall-clock duration of the last sampling round over all GPUs.")
@@ -162,6 +163,34 @@ def _grid_metrics(snap: Snapshot) -> Iterator[Metric]:
         if src.last_success is not None:
             last.add_metric(lv, src.last_success)
     yield from (up, errors, last)
+
+
+def _forecast_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """Best windows as the sampler computed them (a scrape only formats them); absent, never 0, for a
+    window length the serving source's data do not hold."""
+    start = GaugeMetricFamily("wattson_grid_best_window_start_timestamp_seconds", "Start (UNIX time) of the "
+                              "window of this length with the lowest average of the signal, in the data of the "
+                              "source serving it now.", labels=["signal", "zone", "window"])
+    intensity = GaugeMetricFamily("wattson_grid_carbon_intensity_best_window_grams_per_kwh", "Average grid "
+                                  "carbon intensity over the best window of this length, gCO2e per kWh.",
+                                  labels=["zone", "window"])
+    price = GaugeMetricFamily("wattson_electricity_price_best_window_per_kwh", "Average electricity price over "
+                              "the best window of this length, currency units per kWh, retail adjustments "
+                              "included.", labels=["zone", "currency", "window"])
+    horizon = GaugeMetricFamily("wattson_grid_forecast_horizon_seconds", "How far ahead the data of the source "
+                                "serving the signal reach; absent when not beyond the current interval.",
+                                labels=["signal", "zone"])
+    for f in snap.forecasts:
+        for w in f.windows:
+            start.add_metric([f.signal, f.zone, w.label], w.start)
+            if f.signal == "carbon":
+                intensity.add_metric([f.zone, w.label], w.value)
+            else:
+                price.add_metric([f.zone, f.currency or "", w.label], w.value)
+        ahead = f.horizon_seconds(snap.timestamp if snap.timestamp is not None else f.computed_at)
+        if ahead is not None:
+            horizon.add_metric([f.signal, f.zone], ahead)
+    yield from (start, intensity, price, horizon)
 
 
 def _budget_metrics(snap: Snapshot) -> Iterator[Metric]:

@@ -416,6 +416,7 @@ class Sampler:
             budgets=rnd.budgets,
             workloads=self.workloads.snapshot(now) if self.workloads is not None else None,
             storage=self.storage() if self.storage is not None else None,
+            forecasts=rnd.grid.best_windows(now),
         )
         self.last_round_monotonic = time.monotonic()
         return self.snapshot

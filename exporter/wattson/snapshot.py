@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from .accounting import AccountSnapshot
 from .gpu.base import GpuIdentity, GpuReading
+from .grid.forecast import SignalForecast
 from .grid.signal import SignalNow, SourceSnapshot
 from .workloads.snapshot import WorkloadSnapshot
 
@@ -50,6 +51,7 @@ class Snapshot:
     budgets: Budgets | None = None
     workloads: WorkloadSnapshot | None = None  # None unless per-workload accounting is enabled
     storage: StorageStatus | None = None  # None when no state is kept
+    forecasts: tuple[SignalForecast, ...] = ()  # best windows per signal served now; empty when none fits
 
 
 EMPTY = Snapshot(seq=0, timestamp=None, duration_seconds=0.0, backend="", ready=False, gpus=())

@@ -92,6 +92,48 @@ grid:
 ```
 """
 
+FORECASTS = """
+## Forecasts and best windows
+
+When is the cheapest, cleanest time to run a job? For each length in `grid.forecast.windows` (default
+`[1h, 3h, 8h]`), wattson finds the window with the lowest time-weighted average price and carbon
+intensity, in the data of the source serving each signal now (the first fresh source whose data cover
+this moment; never a splice of two sources). A window starts now or later, ends by the end of that
+source's data, and must not cover time the source has no value for (a null hour in a forecast breaks it);
+of equal windows the earliest wins. Prices are after `adder_per_kwh` and `multiplier`, as exported.
+
+| metric | meaning |
+|---|---|
+| `wattson_grid_best_window_start_timestamp_seconds{signal,zone,window}` | Start of the best window (UNIX time). |
+| `wattson_grid_carbon_intensity_best_window_grams_per_kwh{zone,window}` | Its average carbon intensity. |
+| `wattson_electricity_price_best_window_per_kwh{zone,currency,window}` | Its average price. |
+| `wattson_grid_forecast_horizon_seconds{signal,zone}` | How far ahead the serving source's data reach. |
+
+`window` is the length as `3h` or `90m`. A window length the data do not hold has no series (absent,
+never 0), nor has the horizon when the data end with the interval in force now. Sources with forecasts
+(Electricity Maps, WattTime, UK Carbon Intensity, ENTSO-E day-ahead, Octopus, aWATTar, `tou`) give real
+answers; a `static` or `bundled` source's value is the same at every hour, so its best window starts now.
+The search looks at most 7 days ahead. The sampler searches again when a source's data change, else at
+most once a minute (a scrape never computes), so a window that starts "now" may show a start up to a
+minute old.
+
+`GET /api/v1/forecast?signal=carbon&window=3h` answers in the shape of the Green Software Foundation Carbon
+Aware SDK's `GET /emissions/forecasts/current`, so schedulers written for it work unchanged: a JSON array
+with one object with `location` (the zone), `dataStartAt`, `dataEndAt`, `windowSize` (minutes),
+`optimalDataPoints` (the best window), `forecastData` (the average of every eligible window by start),
+`generatedAt` (when the data were fetched) and `requestedAt`; each point is `{location, timestamp,
+duration, value}` with ISO 8601 UTC times and durations in minutes. `signal=price` answers the same way
+with prices and adds `currency`. The SDK's `windowSize` (minutes; default: the length of one data point),
+`dataStartAt` and `dataEndAt` (windows lie between them) are accepted; `location` is accepted and ignored.
+A bad parameter is a 400, a disabled signal or no window of that length a 404, each with
+`{"error": "..."}`.
+
+From a terminal, `wattson forecast --config.file wattson.yml [--window 3h]` fetches every source once and
+prints, per signal, the best window of each length (local time and UTC offset, average, compared with
+now) and the next 24 hours hour by hour with their source and forecast or estimated marks. It exits 2
+on a config error and 1 when no source answered.
+"""
+
 NOTES: dict[tuple[str, str], str] = {
     ("carbon", "static"): "A constant intensity from the config.",
     ("carbon", "bundled"): (
@@ -159,7 +201,7 @@ def _bounds() -> str:
 
 
 def render() -> str:
-    out = [INTRO.replace("{bounds}", _bounds())]
+    out = [INTRO.replace("{bounds}", _bounds()), FORECASTS]
     for signal, table, title in (("carbon", CARBON_SOURCES, "Carbon intensity sources (gCO2e/kWh)"),
                                  ("price", PRICE_SOURCES, "Price sources (currency per kWh)")):
         out.append(f"\n## {title}\n")

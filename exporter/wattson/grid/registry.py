@@ -98,4 +98,5 @@ def build_grid(cfg: Config, previous: GridSignals | None = None) -> GridSignals:
                 signal=signal, kept=",".join(sources[i].name for i in kept) or "none",
                 fresh=len(sources) - len(kept)))
         chains[signal] = chain
-    return GridSignals(pue=cfg.grid.pue, carbon=chains.get("carbon"), price=chains.get("price"))
+    return GridSignals(pue=cfg.grid.pue, carbon=chains.get("carbon"), price=chains.get("price"),
+                       forecast_windows=cfg.grid.forecast.window_seconds())

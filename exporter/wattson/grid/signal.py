@@ -27,6 +27,7 @@ from typing import Any
 from ..logfmt import kv
 from . import state as saved
 from .base import ERROR_REASONS, FetchResult, GridSource, Interval, MissingSecret, Signal, SourceError
+from .forecast import DEFAULT_WINDOWS, ForecastCache, SignalForecast, parse_windows
 from .http import redact
 from .limits import MAX_GRAMS_PER_KWH, max_abs_price_per_kwh
 
@@ -446,6 +447,8 @@ class GridSignals:
     carbon: SignalChain | None = None
     price: SignalChain | None = None
     chains: list[SignalChain] = field(default_factory=list)
+    forecast_windows: tuple[float, ...] = field(default_factory=lambda: parse_windows(DEFAULT_WINDOWS))
+    _forecasts: ForecastCache = field(default_factory=ForecastCache, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.chains = [c for c in (self.carbon, self.price) if c is not None]
@@ -470,6 +473,16 @@ class GridSignals:
                 key = (state.signal, st.name)
                 sources[key] = _merge(sources[key], snap) if key in sources else snap
         return tuple(signals), tuple(sources[k] for k in sorted(sources))
+
+    def best_windows(self, now: float) -> tuple[SignalForecast, ...]:
+        """Each signal's best window per configured length, from the source serving it now. Called by the
+        sampler every round, so it answers from a cache until a chain publishes new data or a minute passes."""
+        out = []
+        for chain in self.chains:
+            found = self._forecasts.get(chain.state, now, self.forecast_windows)
+            if found is not None:
+                out.append(found)
+        return tuple(out)
 
     def chain(self, signal: str) -> SignalChain | None:
         return self.carbon if signal == "carbon" else self.price if signal == "price" else None
