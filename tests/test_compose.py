@@ -197,10 +197,18 @@ def test_every_variable_without_a_default_is_in_env_example() -> None:
     assert chosen and chosen <= profiles, f".env.example selects {chosen}; compose has profiles {profiles}"
 
 
+def mounted_config(service: dict[str, Any], target: str) -> Path:
+    """The repository file a service mounts at `target`, with .env.example's settings."""
+    (source,) = [v["source"] for v in service["volumes"] if isinstance(v, dict) and v["target"] == target]
+    return ROOT / interpolate(source, env_example())
+
+
 def test_wattson_commands_parse_with_the_real_cli_and_read_the_mounted_config() -> None:
     """Each variant's command is accepted by wattson's own argument parser; the config file it names is
-    the one mounted; exactly the variant without a GPU reservation simulates."""
+    the one mounted; exactly the variants without a GPU reservation simulate, except a grid hub, whose
+    mounted config has no GPUs at all (gpu.backend: none)."""
     from wattson.cli import build_parser
+    from wattson.config import parse_config
 
     variants = wattson_services()
     assert variants
@@ -209,7 +217,11 @@ def test_wattson_commands_parse_with_the_real_cli_and_read_the_mounted_config() 
         mounted = {v["target"] for v in s["volumes"] if isinstance(v, dict)}
         assert args.config_file in mounted, f"{name}: --config.file {args.config_file} is not mounted ({mounted})"
         reserves_gpus = "deploy" in s
-        assert args.simulate != reserves_gpus, f"{name}: simulate={args.simulate}, reserves GPUs={reserves_gpus}"
+        path = mounted_config(s, args.config_file)
+        if parse_config(path.read_text(), str(path)).gpu.backend == "none":
+            assert not args.simulate and not reserves_gpus, f"{name}: a grid hub neither simulates nor uses GPUs"
+        else:
+            assert args.simulate != reserves_gpus, f"{name}: simulate={args.simulate}, reserves GPUs={reserves_gpus}"
         assert (ROOT / s["build"]["context"] / s["build"]["dockerfile"]).resolve() == DOCKERFILE
         assert "/tmp" in s["tmpfs"], f"{name}: read-only root needs a writable /tmp"
         assert s.get("profiles"), f"{name}: the variants are chosen by profile"

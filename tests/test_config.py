@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
     ("sampler:\n  interval_secs: 1\n", "sampler.interval_secs: unknown key"),  # unknown key
     ("sampler:\n  interval_seconds: fast\n", "sampler.interval_seconds: Input should be a valid number"),  # type
     ("sampler:\n  interval_seconds: 0.01\n", "sampler.interval_seconds: Input should be greater than or equal to 0.1"),
-    ("gpu:\n  backend: amd\n", "gpu.backend: Input should be 'nvml' or 'simulated'"),  # enum
+    ("gpu:\n  backend: amd\n", "gpu.backend: Input should be 'nvml', 'simulated' or 'none'"),  # enum
     ("grid:\n  pue: 0.5\n", "grid.pue: Input should be greater than or equal to 1"),
     ("grid:\n  price:\n    sources:\n      - type: static\n        price_per_kwh: 0.3\n",
      "grid.price.sources[0].currency: required key is missing"),

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from . import __version__, logfmt
@@ -80,6 +81,10 @@ def build_backend(cfg: Config) -> GpuBackend:
 
         s = cfg.gpu.simulated
         return SimulatedBackend(s.count, s.model, list(s.profiles), s.seed, s.energy_counter, jobs=s.jobs)
+    if cfg.gpu.backend == "none":
+        from .gpu.none import NoGpuBackend
+
+        return NoGpuBackend()
     from .gpu.nvml import NvmlBackend
 
     return NvmlBackend(collect_processes=cfg.workloads.enabled, boot_id_file=cfg.gpu.nvml.boot_id_file)
@@ -137,8 +142,9 @@ class App:
         self._reload_requested = threading.Event()
 
     def start(self) -> None:
+        self._preflight_grid()  # ConfigError -> exit 2 in main()
         self.sampler.start_backend()  # BackendUnavailable -> exit 2 in main()
-        if self.cfg.workloads.enabled:
+        if self.cfg.workloads.enabled and self.backend.name != "none":  # no GPUs, no processes on them
             from .workloads.tracker import attach
 
             attach(self.sampler, self.backend, self.cfg.workloads)
@@ -159,6 +165,42 @@ class App:
                                              grid=self.grid.describe(), storage=str(self.store.path),
                                              tls=self.tls_enabled()))
         self._say_what_is_not_priced(self.cfg)
+
+    def _preflight_grid(self) -> None:
+        """Sources that can check their settings against the other end (a grid hub) ask it once, all at once,
+        within their timeout: a hub that does not serve the signal or zone asked for is a config error; one
+        not answering now is a warning, and the chain falls back until it answers."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .grid.base import GridSource, SourceError
+        from .grid.http import redact
+
+        checks: list[tuple[str, GridSource, Callable[[], None]]] = [
+            (f"grid.{chain.signal}.sources[{i}] ({source.name})", source, check)
+            for chain in self.grid.chains for i, source in enumerate(chain.sources)
+            if (check := getattr(source, "preflight", None)) is not None]
+
+        def attempt(check: Callable[[], None]) -> SourceError | None:
+            try:
+                check()
+            except SourceError as exc:
+                return exc
+            except Exception as exc:  # a bug in a check must not stop the start: the chain will say more
+                return SourceError("malformed", f"unexpected {type(exc).__name__}: {exc}")
+            return None
+
+        if not checks:
+            return
+        with ThreadPoolExecutor(max_workers=len(checks), thread_name_prefix="preflight") as pool:
+            outcomes = list(pool.map(attempt, [check for _key, _source, check in checks]))
+        for (key, source, _check), exc in zip(checks, outcomes, strict=True):
+            if exc is None:
+                continue
+            message = redact(str(exc), source.secrets())
+            if exc.reason == "wrong_zone":
+                raise ConfigError(f"{key}: {message}")
+            log.warning("grid source not answering as it should at start; its chain falls back until it does",
+                        extra=kv(source=key, reason=exc.reason, err=message))
 
     def _say_what_is_not_priced(self, cfg: Config) -> None:
         for signal_name in ("carbon", "price"):

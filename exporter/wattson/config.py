@@ -131,7 +131,8 @@ class NvmlConfig(StrictModel):
 
 
 class GpuConfig(StrictModel):
-    backend: Literal["nvml", "simulated"] = "nvml"
+    # none: no GPUs at all, for a grid hub that only polls the grid sources and serves them to hosts.
+    backend: Literal["nvml", "simulated", "none"] = "nvml"
     simulated: SimulatedConfig = Field(default_factory=SimulatedConfig)
     nvml: NvmlConfig = Field(default_factory=NvmlConfig)
 

@@ -126,8 +126,9 @@ def _grid_metrics(snap: Snapshot) -> Iterator[Metric]:
     price = GaugeMetricFamily("wattson_electricity_price_per_kwh", "Electricity price in force now, currency "
                               "units per kWh, retail adjustments included. Absent when unknown.",
                               labels=["zone", "currency"])
-    info = GaugeMetricFamily("wattson_grid_signal_info", "The source serving each grid signal now; always 1.",
-                             labels=["signal", "zone", "source", "estimated"])
+    info = GaugeMetricFamily("wattson_grid_signal_info", "The source serving each grid signal now; always 1. "
+                             "via names the chain's source that relayed it (a grid hub: wattson), empty when "
+                             "source is in the chain itself.", labels=["signal", "zone", "source", "estimated", "via"])
     age = GaugeMetricFamily("wattson_grid_signal_age_seconds", "Seconds since the data serving the signal "
                             "was fetched.", labels=["signal", "zone"])
     index = GaugeMetricFamily("wattson_grid_signal_source_index", "Position in the configured fallback chain of "
@@ -140,7 +141,7 @@ def _grid_metrics(snap: Snapshot) -> Iterator[Metric]:
             intensity.add_metric([s.zone], s.value)
         else:
             price.add_metric([s.zone, s.currency or ""], s.value)
-        info.add_metric([s.signal, s.zone, s.source or "", "true" if s.estimated else "false"], 1)
+        info.add_metric([s.signal, s.zone, s.source or "", "true" if s.estimated else "false", s.via], 1)
         if s.age_seconds is not None:
             age.add_metric([s.signal, s.zone], max(0.0, s.age_seconds))
         if s.source_index is not None:

@@ -23,7 +23,8 @@ less than `max_age_seconds` ago serves it. When none does, the energy is counted
 `wattson_gpu_unpriced_energy_joules_total{signal}` and the gauge is absent: wattson never exports 0
 or a made-up value for "unknown". A signal set to `null` (`grid.price: null`) is disabled instead: no
 price or intensity is exported for it and no energy is counted as unpriced for it.
-`wattson_grid_signal_info{signal,zone,source,estimated}` says which source serves now,
+`wattson_grid_signal_info{signal,zone,source,estimated,via}` says which source serves now (`via` names
+the chain's source that relayed it, `wattson` for a grid hub, and is empty otherwise),
 `wattson_grid_signal_age_seconds` how old its data is, `wattson_source_up{signal,source}`,
 `wattson_source_errors_total{signal,source,reason}` and
 `wattson_source_last_success_timestamp_seconds{signal,source}` how each source of each chain is doing
@@ -150,6 +151,15 @@ NOTES: dict[tuple[str, str], str] = {
         "a 401/403; `/v3/forecast` and `/v3/historical`. The marginal rate in lbs/MWh is converted exactly "
         "(1 lb/MWh = 0.45359237 g/kWh). Any other unit (the free tier's percentile index) is rejected: it is "
         "not an intensity."),
+    ("carbon", "wattson"): (
+        "A grid hub: another wattson that polls the upstream APIs for a fleet and serves what it knows on "
+        "`GET /api/v1/grid` ([fleet.md](fleet.md)). Asked for this chain's signal and zone (`zone` overrides "
+        "it), with the last ETag in If-None-Match: an unchanged answer is a 304 without a body and keeps the "
+        "intervals. Each interval keeps the hub's upstream source and estimated mark: "
+        "`wattson_grid_signal_info` shows e.g. `source=\"electricitymaps\", via=\"wattson\"`. A hub that does "
+        "not serve the signal or zone stops wattson at start (exit 2, naming the key); at run time it counts as "
+        "`wrong_zone`. An unreachable hub at start is a warning: the chain falls back. Basic auth with "
+        "`username` and `password_env` or `password_file`; `ca_file` for a hub certified by a private CA."),
     ("carbon", "ukcarbonintensity"): (
         "UK National Grid Carbon Intensity API, no key, half-hourly. National (`/intensity/{from}/fw24h`, "
         "measured `actual` where present, else `forecast`) or regional with `region_id` (forecast only). "
@@ -172,6 +182,10 @@ NOTES: dict[tuple[str, str], str] = {
         "newest first; no key needed for public products."),
     ("price", "awattar"): (
         "aWATTar market data for DE or AT (EUR/MWh, millisecond timestamps), no key."),
+    ("price", "wattson"): (
+        "A grid hub, as for carbon above ([fleet.md](fleet.md)). Prices arrive as the hub exports them, its "
+        "`adder_per_kwh` and `multiplier` applied; this source's own apply on top (leave them unset to price "
+        "exactly as the hub does)."),
 }
 
 

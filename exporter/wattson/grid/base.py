@@ -42,6 +42,9 @@ class Interval:
     value: float
     estimated: bool = False
     forecast: bool = False
+    # The upstream source this value came from when the source relays another wattson's data (a grid hub:
+    # "electricitymaps" behind "wattson"); "" when the source is the origin itself.
+    origin: str = ""
 
     def contains(self, t: float) -> bool:
         return self.start <= t < self.end

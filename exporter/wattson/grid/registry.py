@@ -22,6 +22,7 @@ from . import (
     static,
     tou,
     ukcarbonintensity,
+    wattson,
     watttime,
 )
 from .base import GridSource, Signal
@@ -40,6 +41,7 @@ CARBON_SOURCES: dict[str, tuple[type, Factory]] = {
     "electricitymaps": (electricitymaps.Config, electricitymaps.build),
     "watttime": (watttime.Config, watttime.build),
     "ukcarbonintensity": (ukcarbonintensity.Config, ukcarbonintensity.build),
+    "wattson": (wattson.CarbonConfig, wattson.build_carbon),  # a grid hub: another wattson
 }
 
 PRICE_SOURCES: dict[str, tuple[type, Factory]] = {
@@ -48,6 +50,7 @@ PRICE_SOURCES: dict[str, tuple[type, Factory]] = {
     "entsoe": (entsoe.Config, entsoe.build),
     "octopus": (octopus.Config, octopus.build),
     "awattar": (awattar.Config, awattar.build),
+    "wattson": (wattson.PriceConfig, wattson.build_price),  # a grid hub: another wattson
 }
 
 

@@ -57,7 +57,7 @@ class SourceCache:
             cur = best.get(iv.start)
             if cur is None or not (iv.forecast and not cur.forecast):
                 best[iv.start] = iv
-        ivs = tuple(Interval(i.start, i.end, transform(i.value), i.estimated, i.forecast)
+        ivs = tuple(Interval(i.start, i.end, transform(i.value), i.estimated, i.forecast, i.origin)
                     for _, i in sorted(best.items()))
         return cls(ivs, tuple(i.start for i in ivs), result.currency, fetched_at)
 
@@ -106,6 +106,11 @@ class Value:
     fetched_at: float
     source_index: int = 0  # position in the fallback chain; 0 = the preferred source
 
+    @property
+    def origin(self) -> str:
+        """The upstream source of the value: the relayed one behind a grid hub, else `source` itself."""
+        return self.interval.origin or self.source
+
 
 @dataclass(frozen=True)
 class ChainState:
@@ -142,13 +147,7 @@ class ChainState:
         t = t0
         while t < t1:
             v = self.value_at(t, now)
-            # The piece ends where its interval ends or where any source's next interval starts,
-            # whichever is first: a higher-priority source may take over there.
-            ends = [t1] + ([v.interval.end] if v is not None else [])
-            ends += [n for c in self.caches if c is not None for n in [c.next_start_after(t)] if n is not None]
-            end = min(ends)
-            if end <= t:  # defensive: never loop forever on degenerate data
-                end = t1
+            end = self._piece_end(t, t1, v)
             pieces.append(((end - t) / span, v))
             t = end
         total = sum(f for f, _ in pieces)
@@ -156,6 +155,33 @@ class ChainState:
             f, v = pieces[-1]
             pieces[-1] = (f + (1.0 - total), v)
         return pieces
+
+    def _piece_end(self, t: float, t1: float, v: Value | None) -> float:
+        """Where the piece starting at `t` (served by `v`) ends: where its interval ends or where any
+        source's next interval starts, whichever is first (a higher-priority source may take over there)."""
+        ends = [t1] + ([v.interval.end] if v is not None else [])
+        ends += [n for c in self.caches if c is not None for n in [c.next_start_after(t)] if n is not None]
+        end = min(ends)
+        return end if end > t else t1  # defensive: never loop forever on degenerate data
+
+    def timeline(self, t0: float, t1: float, now: float,
+                 max_pieces: int = 20_000) -> list[tuple[float, float, Value]]:
+        """[t0, t1) as the chain serves it, judged at `now`: (start, end, value) pieces cut exactly where
+        `split` cuts them, time without any value left out, and neighbours that are the same interval of the
+        same source joined. What a grid hub serves its hosts, so they price with what this chain would."""
+        out: list[tuple[float, float, Value]] = []
+        t = t0
+        while t < t1 and len(out) < max_pieces:
+            v = self.value_at(t, now)
+            end = self._piece_end(t, t1, v)
+            if v is not None:
+                if out and out[-1][1] == t and out[-1][2].source_index == v.source_index \
+                        and out[-1][2].interval == v.interval:
+                    out[-1] = (out[-1][0], end, out[-1][2])
+                else:
+                    out.append((t, end, v))
+            t = end
+        return out
 
 
 class SignalChain:
@@ -413,6 +439,8 @@ class SignalNow:
     estimated: bool
     age_seconds: float | None
     source_index: int | None = None  # position of `source` in the chain; > 0 means a fallback serves
+    # The chain's source that relayed `source` (a grid hub: "wattson"); "" when `source` is in the chain.
+    via: str = ""
 
 
 @dataclass(frozen=True)
@@ -464,9 +492,10 @@ class GridSignals:
             signals.append(SignalNow(
                 signal=state.signal, zone=state.zone,
                 value=v.value if v else None, currency=v.currency if v else None,
-                source=v.source if v else None, estimated=bool(v and (v.interval.estimated or v.interval.forecast)),
+                source=v.origin if v else None, estimated=bool(v and (v.interval.estimated or v.interval.forecast)),
                 age_seconds=(t - v.fetched_at) if v else None,
                 source_index=v.source_index if v else None,
+                via=v.source if v is not None and v.interval.origin else "",
             ))
             for st in state.statuses:
                 snap = SourceSnapshot(state.signal, st.name, st.up, tuple(sorted(st.errors.items())), st.last_success)
