@@ -471,3 +471,167 @@ STATIC_GRID = f"""
   carbon: {{zone: DE, sources: [{{type: static, grams_per_kwh: {STATIC_CARBON}}}]}}
   price: {{zone: DE, sources: [{{type: static, price_per_kwh: {STATIC_PRICE}, currency: EUR}}]}}
 """
+
+
+# ---------------------------------------------------------------------------------------------------
+# Slow HTTP clients: connections that hold the daemon's connection slots without finishing a request
+# ---------------------------------------------------------------------------------------------------
+
+DRIP_REQUEST_LINE = b"GET /metrics HTTP/1.1\r\n"
+DRIP_HEADER = b"X-Slow: " + b"a" * 4096  # dripped one byte at a time; its line never ends
+
+
+@dataclass
+class HeldConnection:
+    """One slow client's connection. Times are time.monotonic() (CLOCK_MONOTONIC: the same clock in every
+    process on the host, so the child's times compare with the test's)."""
+
+    kind: str  # "dripping" or "silent"
+    opened: float  # connected
+    closed: float | None  # the daemon closed it (EOF or reset); None: still open when the clients stopped
+    answer: bytes  # what the daemon sent before closing (first 200 bytes)
+    dripped: int  # bytes dripped after the request line
+
+    @property
+    def held_seconds(self) -> float | None:
+        return None if self.closed is None else self.closed - self.opened
+
+
+def raise_fd_limit(needed: int) -> None:
+    """Raise this process's soft limit on open files to `needed` (children inherit it); skip the test when
+    the hard limit is lower. Slow-client tests open hundreds of sockets, more than a 1024 default allows."""
+    import resource
+
+    import pytest
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            pytest.skip(f"needs {needed} open files, the hard limit (ulimit -Hn) is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+async def _hold(kind: str, port: int, drip: tuple[float, float], reconnect: tuple[float, float] | None,
+                out: list[HeldConnection], connected: Callable[[], None], stopping: Any) -> None:
+    """One slow client: connect, then drip (or stay silent) until the daemon closes; reconnect if asked.
+
+    Ends by itself once `stopping` (an asyncio.Event) is set, within a drip interval: no task cancellation,
+    which asyncio.wait_for can swallow before Python 3.12."""
+    import asyncio
+    import random
+
+    first = True
+    while not stopping.is_set():
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+        except (OSError, asyncio.TimeoutError):
+            await asyncio.sleep(0.1)
+            continue
+        if first:
+            connected()
+            first = False
+        held = HeldConnection(kind, time.monotonic(), None, b"", 0)
+        try:
+            if kind == "dripping":
+                writer.write(DRIP_REQUEST_LINE)
+            while not stopping.is_set():
+                wait = random.uniform(*drip) if kind == "dripping" else 1.0
+                try:
+                    data = await asyncio.wait_for(reader.read(4096), wait)
+                except asyncio.TimeoutError:
+                    if kind == "dripping":
+                        writer.write(DRIP_HEADER[held.dripped % len(DRIP_HEADER):][:1])
+                        held.dripped += 1
+                    continue
+                if not data:
+                    held.closed = time.monotonic()
+                    break
+                held.answer = (held.answer + data)[:200]
+        except OSError:
+            held.closed = time.monotonic()
+        finally:
+            out.append(held)  # closed stays None for a connection still open at the stop
+            writer.close()
+        if reconnect is None:
+            return
+        await asyncio.sleep(random.uniform(*reconnect))
+
+
+def _slow_clients_main(port: int, dripping: int, silent: int, drip: tuple[float, float],
+                       reconnect: tuple[float, float] | None, stop: Any, results: Any) -> None:
+    """The child process: every slow client as one asyncio task; reports "connected" once each has
+    connected once, then every HeldConnection when told to stop."""
+    import asyncio
+
+    async def main() -> None:
+        out: list[HeldConnection] = []
+        pending = dripping + silent
+        t0 = time.monotonic()
+        stopping = asyncio.Event()
+
+        def connected() -> None:
+            nonlocal pending
+            pending -= 1
+            if pending == 0:
+                results.put(("connected", time.monotonic() - t0))
+
+        kinds = ["dripping"] * dripping + ["silent"] * silent
+        tasks = [asyncio.create_task(_hold(kind, port, drip, reconnect, out, connected, stopping)) for kind in kinds]
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        stopping.set()
+        _done, late = await asyncio.wait(tasks, timeout=max(drip) + 2)
+        for task in late:  # a client stuck in a connect: its record is lost, the run is not
+            task.cancel()
+        results.put(("done", out))
+
+    asyncio.run(main())
+
+
+class SlowClients:
+    """`dripping` connections that send a request line, then one header byte every `drip` seconds and never
+    finish it, and `silent` ones that send nothing, all held against the daemon from a separate process
+    (so the test process's own scrapes are timed without their load). With `reconnect`, each client
+    connects again that many seconds after the daemon closes it, keeping the pressure on.
+
+    `connected_seconds` is how long it took until every client had connected once; `held` lists every
+    connection once stopped."""
+
+    def __init__(self, port: int, dripping: int = 0, silent: int = 0, drip: tuple[float, float] = (1.0, 2.0),
+                 reconnect: tuple[float, float] | None = (0.5, 1.0)) -> None:
+        import multiprocessing
+
+        self._ctx = multiprocessing.get_context("spawn")  # no fork of a threaded test process
+        self._stop = self._ctx.Event()
+        self._results = self._ctx.Queue()
+        self._proc = self._ctx.Process(target=_slow_clients_main, name="slow-clients", daemon=True,
+                                       args=(port, dripping, silent, drip, reconnect, self._stop, self._results))
+        self.connected_seconds: float | None = None
+        self.held: list[HeldConnection] = []
+
+    def __enter__(self) -> SlowClients:
+        self._proc.start()
+        return self
+
+    def wait_connected(self, timeout: float) -> float:
+        """Seconds from the child's start until each client had connected once."""
+        kind, value = self._results.get(timeout=timeout)
+        assert kind == "connected", kind
+        self.connected_seconds = value
+        return value
+
+    def stop(self) -> list[HeldConnection]:
+        if self._proc.is_alive() and not self._stop.is_set():
+            self._stop.set()
+            while True:
+                kind, value = self._results.get(timeout=20)
+                if kind == "done":
+                    self.held = value
+                    break
+        self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.kill()
+        return self.held
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

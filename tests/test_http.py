@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import json
 import ssl
 import subprocess
 import time
@@ -138,3 +139,19 @@ def test_web_config_file_puts_the_daemon_behind_tls_and_basic_auth(tmp_path):
         with pytest.raises(OSError):
             get(d.base + "/metrics")  # plain HTTP on the TLS port
     assert "scrape-secret" not in d.log() and hashed not in d.log()
+
+
+def test_api_endpoints_answer_json_with_etag_and_the_carbon_aware_sdk_shape(tmp_path):
+    with run_wattson(tmp_path, SIM_CONFIG) as d:
+        status, headers, body = get(d.base + "/api/v1/grid")
+        assert status == 200 and headers["Content-Type"] == "application/json"
+        grid = json.loads(body)
+        assert {(s["signal"], s["zone"]) for s in grid["signals"]} == {("carbon", "DE"), ("price", "DE")}
+        assert get(d.base + "/api/v1/grid", **{"If-None-Match": headers["ETag"]})[0] == 304
+        assert get(d.base + "/api/v1/grid?zone=FR")[0] == 404
+        status, _headers, body = get(d.base + "/api/v1/forecast?signal=carbon&window=1h")
+        assert status == 200
+        (answer,) = json.loads(body)
+        assert answer["location"] == "DE" and answer["windowSize"] == 60
+        assert answer["optimalDataPoints"] and answer["forecastData"]
+        assert get(d.base + "/api/v1/forecast?signal=wind")[0] == 400

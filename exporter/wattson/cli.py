@@ -7,23 +7,27 @@ Exit 2 for anything the user must fix before wattson can run (bad config, no NVM
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import FrameType
 
 from . import __version__, logfmt
 from .config import Config, ConfigError, load_config, parse_listen_address
 from .forecast_cli import forecast_main
 from .gpu.base import BackendUnavailable, GpuBackend
+from .grid.forecast import forecast_response
+from .grid.hub import grid_response
 from .grid.registry import build_grid
 from .logfmt import kv
 from .sampler import Sampler
 from .snapshot import Budgets
 from .state import PeriodicSaver, StateStore
+from .web import ApiHandler, WattsonHTTPServer
 from .webconfig import WebConfigError, WebSecurity, load_web_config
 
 log = logging.getLogger("wattson")
@@ -129,12 +133,10 @@ class App:
         self.store = StateStore(args.storage_path)
         self.sampler.storage = self.store.status
         self.saver = PeriodicSaver(self.store, self.sampler.state_document)
-        from .web import WattsonHTTPServer
-
         host, port = parse_listen_address(cfg.web.listen_address)
         try:
             self.server = WattsonHTTPServer((host or "0.0.0.0", port), lambda: self.sampler.snapshot, security,
-                                            healthy=self.healthy)
+                                            healthy=self.healthy, api=self.api_endpoints())
         except OSError as exc:
             raise ConfigError(f"web.listen_address: cannot listen on {cfg.web.listen_address}: {exc.strerror}") \
                 from None
@@ -210,6 +212,19 @@ class App:
         if self.args.config_file is None:
             log.warning("no --config.file: pricing with the built-in placeholder tariff (0.30 EUR/kWh) and the "
                         "bundled annual carbon intensity of zone DE; configure your own tariff and zone")
+
+    def api_endpoints(self) -> dict[str, ApiHandler]:
+        """The JSON endpoints, behind the same TLS and basic auth as /metrics. They read the grid the sampler
+        prices with now (a reload swaps it), never the network."""
+
+        def grid(query: Mapping[str, list[str]], if_none_match: str | None) -> tuple[int, dict[str, str], bytes]:
+            return grid_response(self.sampler.grid, time.time(), query, if_none_match)
+
+        def forecast(query: Mapping[str, list[str]], _etag: str | None) -> tuple[int, dict[str, str], bytes]:
+            status, body = forecast_response(self.sampler.grid, time.time(), query)
+            return status, {}, json.dumps(body).encode()
+
+        return {"/api/v1/grid": grid, "/api/v1/forecast": forecast}
 
     def bound_address(self) -> str:
         """host:port actually listened on (the kernel's port when :0 was asked for)."""
