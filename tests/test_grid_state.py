@@ -122,7 +122,7 @@ def _set(path: str, value: Any) -> Any:
     ("cache.intervals.0.2", 9000.0, "outside [0, 5000]"),
     ("cache.intervals.0.1", T0 - 10, "ends before it starts"),
     ("cache.intervals.0.3", "yes", "true or false"),
-    ("cache.intervals.0", [T0, T0 + 1], "not [start, end, value, estimated, forecast]"),
+    ("cache.intervals.0", [T0, T0 + 1], "not [start, end, value, estimated, forecast, origin]"),
     ("cache.intervals", [], "empty"),
     ("cache.intervals", [[T0, T0 + 1, 1.0, False, False]] * (MAX_SAVED_INTERVALS + 1), "more than"),
     ("cache.intervals", {"a": 1}, "not a list"),
@@ -208,3 +208,27 @@ def test_restore_after_a_fetch_keeps_the_newer_data() -> None:
     assert running.grid.carbon is not None
     assert running.grid.carbon.state.value_at(clock.time(), clock.time()).value == 310.0  # type: ignore[union-attr]
     assert running.grid.carbon.state.statuses[0].errors == {"http_5xx": 1}
+
+
+def test_a_hubs_provenance_survives_the_round_trip():
+    from wattson.grid.base import FetchResult, Interval
+    from wattson.grid.signal import GridSignals, SignalChain
+
+    class Hub:
+        name, signal, zone, poll_interval_seconds = "wattson", "carbon", "DE", 60.0
+
+        def fetch(self, now: float) -> FetchResult:
+            return FetchResult((Interval(now - 600, now + 3000, 321.0, origin="electricitymaps"),))
+
+        def secrets(self) -> tuple[str, ...]:
+            return ()
+
+    now = 1_800_000_000.0
+    chain = SignalChain("carbon", "DE", 7200, [Hub()], clock=lambda: now)
+    chain.poll_due()
+    saved = json.loads(json.dumps(GridSignals(carbon=chain).export_state()))
+    fresh = SignalChain("carbon", "DE", 7200, [Hub()], clock=lambda: now)
+    grid = GridSignals(carbon=fresh)
+    assert grid.restore_state(saved, now=now) == []
+    (signal,), _sources = grid.now(now)
+    assert signal.value == 321.0 and signal.source == "electricitymaps" and signal.via == "wattson"

@@ -66,7 +66,7 @@ def dump_source(up: bool | None, errors: dict[str, int], last_success: float | N
     cache = None
     if intervals is not None:
         cache = {"currency": currency, "fetched_at": fetched_at,
-                 "intervals": [[i.start, i.end, i.value, i.estimated, i.forecast] for i in intervals]}
+                 "intervals": [[i.start, i.end, i.value, i.estimated, i.forecast, i.origin] for i in intervals]}
     return {"up": up, "errors": dict(sorted(errors.items())), "last_success": last_success, "cache": cache}
 
 
@@ -103,20 +103,24 @@ def _intervals(raw: Any, signal: str, currency: str | None,
     out: dict[float, Interval] = {}
     for n, item in enumerate(raw):
         where = f"cache.intervals[{n}]"
-        if not isinstance(item, list) or len(item) != 5:
-            raise ValueError(f"{where} is not [start, end, value, estimated, forecast]")
+        # The sixth element, the upstream source a hub reported, is absent from files of older versions.
+        if not isinstance(item, list) or len(item) not in (5, 6):
+            raise ValueError(f"{where} is not [start, end, value, estimated, forecast, origin]")
         start, end, value = (_number(x, f"{where}.{k}") for x, k in zip(item[:3], ("start", "end", "value"),
                                                                            strict=True))
         estimated, forecast = item[3], item[4]
+        origin = item[5] if len(item) == 6 else ""
         if not isinstance(estimated, bool) or not isinstance(forecast, bool):
             raise ValueError(f"{where}: estimated and forecast must be true or false")
+        if not isinstance(origin, str) or len(origin) > 64:
+            raise ValueError(f"{where}: origin must be a short string")
         if end <= start:
             raise ValueError(f"{where} ends before it starts")
         if not low <= value <= high:
             raise ValueError(f"{where}.value {value:g} is outside [{low:g}, {high:g}]")
         if start in out:
             raise ValueError(f"{where} starts at the same time as another interval")
-        out[start] = Interval(start, end, value, estimated, forecast)
+        out[start] = Interval(start, end, value, estimated, forecast, origin)
     if not out:
         raise ValueError("cache.intervals is empty")
     return tuple(out[k] for k in sorted(out))
