@@ -8,7 +8,9 @@ signal configured as null is disabled: nothing is priced or counted as unpriced 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .energy import EnergyStep
 from .grid.signal import ChainState, GridSignals, Value
@@ -127,3 +129,29 @@ def apply(account: GpuAccount, c: StepCharge) -> None:
     account.co2e_grams += c.co2e_grams
     for signal, j in c.unpriced:
         account.unpriced_joules[signal] = account.unpriced_joules.get(signal, 0.0) + j
+
+
+class PeriodTotalsSink(Protocol):
+    """Where period totals are kept (periods.HostPeriods): splits steps at period boundaries, adds pieces."""
+
+    def pieces(self, step: EnergyStep) -> Sequence[EnergyStep]: ...
+
+    def add(self, piece: EnergyStep, charge: StepCharge) -> None: ...
+
+
+def account_step(account: GpuAccount, step: EnergyStep, tariff: Tariff,
+                 periods: PeriodTotalsSink | None = None) -> list[tuple[EnergyStep, StepCharge]]:
+    """Price a step, add it to the GPU's totals and to the period totals; returns the pieces as charged.
+
+    A step that spans a period boundary (midnight, the first of the month) is priced as one piece per
+    period, so each period gets exactly its share and the counters exactly the sum of the pieces. Nearly
+    every step lies within one period: it is then priced whole, as before."""
+    pieces = (step,) if periods is None else periods.pieces(step)
+    charged = []
+    for piece in pieces:
+        c = charge(piece, tariff)
+        apply(account, c)
+        if periods is not None:
+            periods.add(piece, c)
+        charged.append((piece, c))
+    return charged

@@ -17,18 +17,22 @@ from collections.abc import Callable, Mapping
 from types import FrameType
 
 from . import __version__, logfmt
+from .budgets import Budgets
+from .budgets import from_config as budgets_from_config
 from .config import Config, ConfigError, load_config, parse_listen_address
 from .forecast_cli import forecast_main
 from .gpu.base import BackendUnavailable, GpuBackend
 from .grid.forecast import forecast_response
 from .grid.hub import grid_response
 from .grid.registry import build_grid
+from .job_cli import job_main
 from .logfmt import kv
+from .periods import period_offsets
 from .sampler import Sampler
-from .snapshot import Budgets
 from .state import PeriodicSaver, StateStore
 from .web import ApiHandler, WattsonHTTPServer
 from .webconfig import WebConfigError, WebSecurity, load_web_config
+from .workloads.jobs import workloads_response
 
 log = logging.getLogger("wattson")
 
@@ -95,14 +99,8 @@ def build_backend(cfg: Config) -> GpuBackend:
 
 
 def build_budgets(cfg: Config) -> Budgets:
-    b = cfg.budgets
-    return Budgets(
-        currency=b.currency,
-        cost=tuple((p, v) for p, v in (("day", b.cost_per_day), ("month", b.cost_per_month)) if v is not None),
-        co2e_grams=tuple((p, v) for p, v in (("day", b.co2e_grams_per_day), ("month", b.co2e_grams_per_month))
-                         if v is not None),
-        intensity_threshold=b.carbon_intensity_threshold_grams_per_kwh,
-    )
+    """The host's own budgets (the flat keys, scope instance) and the scoped ones (budgets.scopes)."""
+    return budgets_from_config(cfg.budgets)
 
 
 def load_security(path: str | None) -> WebSecurity | None:
@@ -129,7 +127,8 @@ class App:
                                max_power_watts=cfg.sampler.max_power_watts, grid=self.grid,
                                budgets=build_budgets(cfg),
                                init_retry=(cfg.gpu.nvml.init_retry_initial_seconds,
-                                           cfg.gpu.nvml.init_retry_max_seconds))
+                                           cfg.gpu.nvml.init_retry_max_seconds),
+                               period_offsets=period_offsets(cfg.budgets.period_utc_offset))
         self.store = StateStore(args.storage_path)
         self.sampler.storage = self.store.status
         self.saver = PeriodicSaver(self.store, self.sampler.state_document)
@@ -224,7 +223,8 @@ class App:
             status, body = forecast_response(self.sampler.grid, time.time(), query)
             return status, {}, json.dumps(body).encode()
 
-        return {"/api/v1/grid": grid, "/api/v1/forecast": forecast}
+        return {"/api/v1/grid": grid, "/api/v1/forecast": forecast,
+                "/api/v1/workloads": lambda query, _etag: workloads_response(self.sampler, query)}
 
     def bound_address(self) -> str:
         """host:port actually listened on (the kernel's port when :0 was asked for)."""
@@ -264,6 +264,8 @@ class App:
         for key in ("gpu", "web", "workloads"):
             if getattr(new, key) != getattr(self.cfg, key):
                 log.warning("config section changed but needs a restart to apply", extra=kv(section=key))
+        if new.budgets.period_utc_offset != self.cfg.budgets.period_utc_offset:
+            log.warning("config key changed but needs a restart to apply", extra=kv(key="budgets.period_utc_offset"))
         old_grid = self.grid
         old_grid.stop()
         self.grid = new_grid
@@ -302,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "forecast":
         return forecast_main(argv[1:])
+    if argv and argv[0] == "job":
+        return job_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         cfg = apply_flags(load_config(args.config_file), args)

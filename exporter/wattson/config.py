@@ -13,9 +13,11 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from . import yamlfile
+from .budgets import CONFIG_SCOPES, SCOPE_LABEL, SCOPE_VALUE_LABELS
 from .grid.forecast import DEFAULT_WINDOWS, parse_windows
 from .grid.registry import CARBON_SOURCES, PRICE_SOURCES
 from .model import StrictModel, field_error
+from .periods import parse_offset
 
 DEFAULT_PORT = 9874
 DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
@@ -183,13 +185,92 @@ class GridConfig(StrictModel):
                                      description="Best windows searched in the serving source's forecast.")
 
 
-class BudgetsConfig(StrictModel):
-    currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
+class BudgetAmounts(StrictModel):
+    """The budget keys of a scope: spending and CO2e per day and per month, and an intensity threshold."""
+
     cost_per_day: float | None = Field(default=None, ge=0)
     cost_per_month: float | None = Field(default=None, ge=0)
     co2e_grams_per_day: float | None = Field(default=None, ge=0)
     co2e_grams_per_month: float | None = Field(default=None, ge=0)
     carbon_intensity_threshold_grams_per_kwh: float | None = Field(default=None, ge=0)
+
+    def sets_any(self) -> bool:
+        return any(getattr(self, k) is not None for k in BudgetAmounts.model_fields)
+
+
+class ScopeBudgetConfig(BudgetAmounts):
+    """A budget of a fleet-wide scope: `scope` says which, and the one key of its label names its value
+    (cluster: eu-west-1, namespace: ml-research, account: physics, user: alice; fleet has none)."""
+
+    scope: str = Field(description="fleet, cluster, namespace, account or user.")
+    cluster: str | None = Field(default=None, min_length=1, description="The cluster (scope: cluster).")
+    namespace: str | None = Field(default=None, min_length=1, description="Kubernetes namespace (scope: namespace).")
+    account: str | None = Field(default=None, min_length=1, description="Slurm account (scope: account).")
+    user: str | None = Field(default=None, min_length=1, description="User name or uid (scope: user).")
+
+    @field_validator("scope")
+    @classmethod
+    def _known_scope(cls, v: str) -> str:
+        if v == "instance":
+            raise ValueError("the host's own budget is set by the flat keys (budgets.cost_per_day and so on), "
+                             "not a scopes entry")
+        if v not in CONFIG_SCOPES:
+            raise ValueError(f"unknown scope, expected one of {', '.join(CONFIG_SCOPES)}")
+        return v
+
+    @field_validator("cluster", "namespace", "account", "user", mode="before")
+    @classmethod
+    def _numbers_as_text(cls, v: Any) -> Any:
+        # `user: 1001` (a uid, as exported with workloads.resolve_user_names: false) means the text "1001".
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _one_label(self) -> ScopeBudgetConfig:
+        needed = SCOPE_LABEL[self.scope]
+        for label in SCOPE_VALUE_LABELS:
+            value = getattr(self, label)
+            if label == needed and value is None:
+                raise field_error((label,), f"required by scope {self.scope}: the {label} this budget is for", None)
+            if label != needed and value is not None:
+                raise field_error((label,), f"not a key of scope {self.scope} " + (
+                    f"(its key is {needed})" if needed else "(a fleet budget names no part of the fleet)"), value)
+        if not self.sets_any():
+            raise field_error(("scope",), "sets no budget: give cost_per_day, cost_per_month, co2e_grams_per_day, "
+                                          "co2e_grams_per_month or carbon_intensity_threshold_grams_per_kwh",
+                              self.scope)
+        return self
+
+    def identity(self) -> tuple[str, str]:
+        label = SCOPE_LABEL[self.scope]
+        return self.scope, (getattr(self, label) or "") if label else ""
+
+
+class BudgetsConfig(BudgetAmounts):
+    """The flat keys are this host's own budget (scope instance); `scopes` lists budgets of the fleet and its
+    parts, exported by whichever wattson carries them (the grid hub's config, for instance)."""
+
+    currency: str = Field(default="EUR", pattern=r"^[A-Z]{3}$")
+    period_utc_offset: str | None = Field(
+        default=None, description="A fixed UTC offset (+02:00) whose days and months are totalled too, besides "
+        "UTC; needs a restart to change.")
+    scopes: list[ScopeBudgetConfig] = Field(default_factory=list, description="Budgets per scope.")
+
+    @field_validator("period_utc_offset")
+    @classmethod
+    def _check_offset(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_offset(v)
+        return v
+
+    @model_validator(mode="after")
+    def _unique_scopes(self) -> BudgetsConfig:
+        seen: dict[tuple[str, str], int] = {}
+        for i, s in enumerate(self.scopes):
+            first = seen.setdefault(s.identity(), i)
+            if first != i:
+                raise field_error(("scopes", i, "scope"), f"a second budget for the same scope as scopes[{first}] "
+                                                          "(merge the two entries)", s.scope)
+        return self
 
 
 def _default_pod_metadata_files() -> list[str]:
@@ -215,6 +296,30 @@ class WorkloadsConfig(StrictModel):
     pod_metadata_files: list[str] = Field(
         default_factory=_default_pod_metadata_files, description="Container runtime config files holding "
         "pod name and namespace annotations; {id} is the 64-hex container id. Empty disables the lookup.")
+    kubelet_pod_resources: Literal["auto", "on", "off"] = Field(
+        default="auto", description="Ask the kubelet's PodResources API which pods hold each GPU: on; off; auto "
+        "= on where the socket's directory exists (a Kubernetes node with it mounted).")
+    kubelet_pod_resources_socket: str = Field(
+        default="/var/lib/kubelet/pod-resources/kubelet.sock", min_length=1,
+        description="The kubelet's PodResources socket; mount its directory, not the socket, so a kubelet "
+        "restart (which recreates it) is survived.")
+    kubelet_pod_resources_interval_seconds: float = Field(
+        default=5.0, ge=1, le=300, description="How often the kubelet is asked (from a thread of its own).")
+    kubelet_pod_resources_timeout_seconds: float = Field(
+        default=2.0, gt=0, le=30, description="Deadline of each call to the kubelet.")
+    kubelet_pod_resources_max_age_seconds: float = Field(
+        default=60.0, gt=0, description="How long the last good answer is used while the kubelet does not "
+        "answer; older, pods are known through their processes only.")
+    kubelet_gpu_resources: list[str] = Field(
+        default_factory=lambda: ["nvidia.com/gpu", "nvidia.com/gpu.shared", "nvidia.com/mig-*"], min_length=1,
+        description="Extended resource names (shell patterns) whose devices are GPUs.")
+
+    @model_validator(mode="after")
+    def _kubelet_answer_outlives_a_poll(self) -> WorkloadsConfig:
+        if self.kubelet_pod_resources_max_age_seconds < self.kubelet_pod_resources_interval_seconds:
+            raise field_error(("kubelet_pod_resources_max_age_seconds",), "must be at least "
+                              "kubelet_pod_resources_interval_seconds", self.kubelet_pod_resources_max_age_seconds)
+        return self
 
 
 class Config(StrictModel):

@@ -17,11 +17,13 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import __version__
+from .budgets import budget_metrics
 from .gpu.base import ERROR_KINDS
 from .grid.base import ERROR_REASONS
 from .snapshot import Snapshot
 from .state import LOAD_REASONS, SAVE_REASONS, StorageStatus
-from .workloads.snapshot import WorkloadSnapshot
+from .workloads.podresources import ERROR_REASONS as KUBELET_ERROR_REASONS
+from .workloads.snapshot import KubeletStatus, WorkloadSnapshot
 
 GPU = ["gpu", "uuid"]
 
@@ -38,6 +40,7 @@ def snapshot_metrics(snap: Snapshot) -> Iterator[Metric]:
     yield from _grid_metrics(snap)
     yield from _forecast_metrics(snap)
     yield from _budget_metrics(snap)
+    yield from _period_metrics(snap)
     sd = GaugeMetricFamily("wattson_sampler_duration_seconds",
                            "Wall-clock duration of the last sampling round over all GPUs.")
     sd.add_metric([], snap.duration_seconds)
@@ -49,6 +52,9 @@ def snapshot_metrics(snap: Snapshot) -> Iterator[Metric]:
         yield ts
     if snap.workloads is not None:
         yield from _workload_metrics(snap.workloads)
+        yield from _scope_period_metrics(snap.workloads)
+        if snap.workloads.kubelet is not None:
+            yield from _kubelet_metrics(snap.workloads.kubelet)
     if snap.storage is not None:
         yield from _storage_metrics(snap.storage)
 
@@ -195,24 +201,51 @@ def _forecast_metrics(snap: Snapshot) -> Iterator[Metric]:
 
 
 def _budget_metrics(snap: Snapshot) -> Iterator[Metric]:
-    b = snap.budgets
-    if b is None:
-        return
-    cost = GaugeMetricFamily("wattson_budget_cost", "Configured spending budget per period, in currency units.",
-                             labels=["period", "currency"])
-    for period, amount in b.cost:
-        cost.add_metric([period, b.currency], amount)
-    grams = GaugeMetricFamily("wattson_budget_co2e_grams", "Configured CO2e budget per period, in grams.",
-                              labels=["period"])
-    for period, amount in b.co2e_grams:
-        grams.add_metric([period], amount)
-    yield cost
-    yield grams
-    if b.intensity_threshold is not None:
-        th = GaugeMetricFamily("wattson_carbon_intensity_threshold_grams_per_kwh",
-                               "Configured grid carbon intensity alert threshold, gCO2e per kWh.")
-        th.add_metric([], b.intensity_threshold)
-        yield th
+    yield from budget_metrics(snap.budgets)
+
+
+PERIOD = ["period", "offset"]
+
+
+def _period_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """This host's totals since the start of the current day and month (gauges: they go back to 0 when a
+    period starts), as the sampler computed them."""
+    energy = GaugeMetricFamily("wattson_period_energy_joules", "GPU energy (no PUE) of this host since the start "
+                               "of the period, in joules.", labels=PERIOD)
+    cost = GaugeMetricFamily("wattson_period_cost", "Net money (cost at positive prices minus credit at negative "
+                             "prices) for this host's energy (x PUE) since the start of the period, in currency "
+                             "units.", labels=PERIOD + ["currency"])
+    co2e = GaugeMetricFamily("wattson_period_co2e_grams", "CO2-equivalent for this host's energy (x PUE) since the "
+                             "start of the period, in grams.", labels=PERIOD)
+    start = GaugeMetricFamily("wattson_period_start_timestamp_seconds", "UNIX time the current period started: "
+                              "midnight (day) or the first of the month (month) at the offset.", labels=PERIOD)
+    for t in snap.periods:
+        lv = [t.period, t.offset]
+        energy.add_metric(lv, t.energy_joules)
+        for currency, amount in t.cost:
+            cost.add_metric(lv + [currency], amount)
+        co2e.add_metric(lv, t.co2e_grams)
+        start.add_metric(lv, t.start)
+    yield from (energy, cost, co2e, start)
+
+
+def _scope_period_metrics(w: WorkloadSnapshot) -> Iterator[Metric]:
+    """Per budget scope value (namespace, account, user), the workloads' totals since the start of the period;
+    a value shows in the periods it was charged in."""
+    energy = GaugeMetricFamily("wattson_scope_period_energy_joules", "GPU energy (no PUE) of the scope's "
+                               "workloads on this host since the start of the period, in joules.")
+    cost = GaugeMetricFamily("wattson_scope_period_cost", "Net money for the scope's workloads' energy (x PUE) on "
+                             "this host since the start of the period, in currency units.")
+    co2e = GaugeMetricFamily("wattson_scope_period_co2e_grams", "CO2-equivalent for the scope's workloads' energy "
+                             "(x PUE) on this host since the start of the period, in grams.")
+    for s in w.scope_periods:
+        t = s.totals
+        labels = {"scope": s.scope, s.scope: s.value, "period": t.period, "offset": t.offset}
+        energy.add_sample("wattson_scope_period_energy_joules", labels, t.energy_joules)
+        for currency, amount in t.cost:
+            cost.add_sample("wattson_scope_period_cost", labels | {"currency": currency}, amount)
+        co2e.add_sample("wattson_scope_period_co2e_grams", labels, t.co2e_grams)
+    yield from (energy, cost, co2e)
 
 
 def _storage_metrics(st: StorageStatus) -> Iterator[Metric]:
@@ -250,6 +283,7 @@ def _workload_metrics(w: WorkloadSnapshot) -> Iterator[Metric]:
                              labels=["kind", "workload", "user", "pod", "namespace"])
     methods = GaugeMetricFamily("wattson_workload_attribution_info", "How the GPU's last step was split: "
                                 "sm_utilization, memory, equal, mig_memory (GPU-instance memory share), "
+                                "pod_allocation (no process seen: the pods the kubelet allocated it to), "
                                 "idle or unattributed; always 1.", labels=GPU + ["method"])
     overflow = CounterMetricFamily("wattson_workload_overflow_attributions", "Shares of GPU steps charged to "
                                    "kind=\"overflow\" because max_series workload series existed.", labels=GPU)
@@ -271,6 +305,30 @@ def _workload_metrics(w: WorkloadSnapshot) -> Iterator[Metric]:
         overflow.add_metric([str(g.gpu), g.uuid], g.overflowed)
     series.add_metric([], w.workload_series)
     yield from (energy, cost, credit, co2e, info, methods, overflow, series)
+
+
+def _kubelet_metrics(k: KubeletStatus) -> Iterator[Metric]:
+    """Health of the kubelet PodResources source; its failures cost attribution to pods, never GPU metrics."""
+    if k.up is not None:
+        up = GaugeMetricFamily("wattson_kubelet_podresources_up", "1 if the last List call to the kubelet's "
+                               "PodResources API answered and decoded, 0 if it failed.")
+        up.add_metric([], 1 if k.up else 0)
+        yield up
+    errors = CounterMetricFamily("wattson_kubelet_podresources_errors", "Failed calls to the kubelet's "
+                                 "PodResources API by reason.", labels=["reason"])
+    counts = dict(k.errors)
+    for reason in KUBELET_ERROR_REASONS:
+        errors.add_metric([reason], counts.get(reason, 0))
+    yield errors
+    if k.last_success is not None:
+        last = GaugeMetricFamily("wattson_kubelet_podresources_last_success_timestamp_seconds",
+                                 "UNIX time of the last good List answer from the kubelet.")
+        last.add_metric([], k.last_success)
+        yield last
+    unmapped = GaugeMetricFamily("wattson_kubelet_podresources_unmapped_devices", "GPU device ids the kubelet "
+                                 "reports (allocatable or allocated) that match none of this host's GPUs.")
+    unmapped.add_metric([], k.unmapped_devices)
+    yield unmapped
 
 
 class _SnapshotCollector(Collector):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from . import accounting
@@ -22,6 +22,7 @@ from .energy import EnergyMeter, EnergyStep
 from .gpu.base import BackendUnavailable, GpuBackend, GpuDevice, GpuReadError, GpuReading
 from .grid.signal import GridSignals
 from .logfmt import kv
+from .periods import HostPeriods
 from .snapshot import EMPTY, Budgets, GpuSnapshot, Snapshot
 from .state import SavedGpu, SavedState, StorageStatus, state_from_snapshot
 from .workloads.snapshot import WorkloadSnapshot
@@ -49,8 +50,9 @@ class WorkloadAccounting(Protocol):
 class GpuState:
     """One GPU's device, energy meter, account and last published snapshot."""
 
-    def __init__(self, device: GpuDevice, max_power_watts: float) -> None:
+    def __init__(self, device: GpuDevice, max_power_watts: float, periods: HostPeriods | None = None) -> None:
         self.device = device
+        self.periods = periods  # the host's period totals, shared by its GPUs (read one after the other)
         self.identity = device.identity
         self.meter = EnergyMeter(max_power_watts)
         self.account = GpuAccount()
@@ -96,10 +98,9 @@ class GpuState:
                 log.info("time not metered", extra=kv(gpu=self.identity.index, uuid=self.identity.uuid,
                                                       seconds=round(step.end - step.start, 3)))
             if step.joules > 0:
-                charge = accounting.charge(step, tariff)
-                accounting.apply(self.account, charge)
-                if workloads is not None:
-                    workloads.on_step(self.identity.index, self.identity.uuid, step, charge, reading)
+                for piece, charge in accounting.account_step(self.account, step, tariff, self.periods):
+                    if workloads is not None:
+                        workloads.on_step(self.identity.index, self.identity.uuid, piece, charge, reading)
         self._publish(up=True, reading=reading)
 
     def _count(self, kind: str) -> None:
@@ -253,7 +254,7 @@ class Sampler:
     def __init__(self, backend: GpuBackend, *, interval_seconds: float = 1.0, gpu_timeout_seconds: float = 2.0,
                  max_power_watts: float = 3000.0, grid: GridSignals | None = None,
                  budgets: Budgets | None = None, clock: Callable[[], float] = time.time,
-                 init_retry: tuple[float, float] = (1.0, 60.0)) -> None:
+                 init_retry: tuple[float, float] = (1.0, 60.0), period_offsets: Sequence[int] = (0,)) -> None:
         self.backend = backend
         self.interval_seconds = interval_seconds
         self.gpu_timeout_seconds = gpu_timeout_seconds
@@ -263,6 +264,7 @@ class Sampler:
         self.storage: Callable[[], StorageStatus] | None = None  # the state store's health, when state is kept
         self.last_round_monotonic = time.monotonic()  # when the last round completed (or the sampler was made)
         self.gpus: list[GpuState] = []
+        self.periods = HostPeriods(period_offsets)  # day and month totals in UTC and the configured offset
         self.snapshot: Snapshot = EMPTY
         self._grid = grid or GridSignals(carbon=None, price=None)
         self._budgets = budgets
@@ -305,6 +307,9 @@ class Sampler:
             if prev is not None:
                 g.restore(prev, epoch)
                 restored += 1
+        bad_periods = self.periods.restore(saved.periods, self.clock())
+        if bad_periods:
+            log.warning("saved period totals skipped (malformed)", extra=kv(entries=bad_periods))
         if self.workloads is not None and saved.workloads:
             bad = self.workloads.restore_state(saved.workloads)
             if bad:
@@ -324,7 +329,8 @@ class Sampler:
     def start_backend(self) -> None:
         """First initialisation; BackendUnavailable propagates so the CLI can exit 2."""
         devices = self.backend.start()
-        self.gpus = sorted((GpuState(d, self.max_power_watts) for d in devices), key=lambda g: g.identity.index)
+        self.gpus = sorted((GpuState(d, self.max_power_watts, self.periods) for d in devices),
+                           key=lambda g: g.identity.index)
         log.info("GPUs found", extra=kv(backend=self.backend.name, count=len(devices)))
 
     def _reinit(self) -> None:
@@ -351,7 +357,7 @@ class Sampler:
             if gpu is not None:
                 gpu.replace_device(device)
             else:
-                self.gpus.append(GpuState(device, self.max_power_watts))
+                self.gpus.append(GpuState(device, self.max_power_watts, self.periods))
         self.gpus.sort(key=lambda g: g.identity.index)
         self._retry_delay = self._retry_initial
         self._backend_down = False
@@ -417,6 +423,7 @@ class Sampler:
             workloads=self.workloads.snapshot(now) if self.workloads is not None else None,
             storage=self.storage() if self.storage is not None else None,
             forecasts=rnd.grid.best_windows(now),
+            periods=self.periods.snapshot(now),
         )
         self.last_round_monotonic = time.monotonic()
         return self.snapshot

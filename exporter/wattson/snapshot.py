@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .accounting import AccountSnapshot
+from .budgets import Budgets
 from .gpu.base import GpuIdentity, GpuReading
 from .grid.forecast import SignalForecast
 from .grid.signal import SignalNow, SourceSnapshot
+from .periods import PeriodTotals
 from .workloads.snapshot import WorkloadSnapshot
 
 if TYPE_CHECKING:
@@ -30,14 +32,6 @@ class GpuSnapshot:
 
 
 @dataclass(frozen=True)
-class Budgets:
-    currency: str
-    cost: tuple[tuple[str, float], ...]  # period -> amount
-    co2e_grams: tuple[tuple[str, float], ...]
-    intensity_threshold: float | None
-
-
-@dataclass(frozen=True)
 class Snapshot:
     seq: int
     timestamp: float | None  # wall time of the last completed sampling round
@@ -52,6 +46,7 @@ class Snapshot:
     workloads: WorkloadSnapshot | None = None  # None unless per-workload accounting is enabled
     storage: StorageStatus | None = None  # None when no state is kept
     forecasts: tuple[SignalForecast, ...] = ()  # best windows per signal served now; empty when none fits
+    periods: tuple[PeriodTotals, ...] = ()  # this host's day and month totals, per offset
 
 
 EMPTY = Snapshot(seq=0, timestamp=None, duration_seconds=0.0, backend="", ready=False, gpus=())

@@ -2,9 +2,10 @@
 
 The state file (`<storage.path>/state.json`) holds, per GPU UUID, every exported total and the last
 energy-counter reading with its wall time and counter epoch (boot and driver); per workload series,
-its totals; and the grid sources' cached intervals. It is written atomically (temporary file, fsync,
-rename, fsync of the directory) every few seconds and at shutdown, from the immutable snapshot, so
-writing never holds up sampling.
+its totals; the grid sources' cached intervals; and the host's day and month totals with the start of
+their period (continued only by a start within that same period). It is written atomically (temporary
+file, fsync, rename, fsync of the directory) every few seconds and at shutdown, from the immutable
+snapshot, so writing never holds up sampling.
 
 A state file that cannot be used (unreadable, not JSON, truncated, of another format version, of other
 GPUs) is set aside next to it with a warning and wattson starts afresh; a write that fails (full disk,
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .logfmt import kv
+from .periods import state_entries
 from .snapshot import Snapshot
 
 log = logging.getLogger("wattson.state")
@@ -75,6 +77,7 @@ class SavedState:
     gpus: dict[str, SavedGpu]
     workloads: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, Any] = field(default_factory=dict)
+    periods: list[Any] = field(default_factory=list)  # period totals, checked entry by entry at restore
 
 
 @dataclass(frozen=True)
@@ -150,9 +153,10 @@ def parse_state(text: str) -> SavedState:
     grid = doc.get("grid", {})
     if not isinstance(workloads, dict) or not isinstance(grid, dict):
         raise StateError("corrupt", "workloads or grid: not an object")
+    periods = doc.get("periods", [])
     return SavedState(written_at=_finite(doc.get("written_at"), "written_at"),
                       gpus={str(u): _gpu_from_json(str(u), g) for u, g in gpus.items()},
-                      workloads=workloads, grid=grid)
+                      workloads=workloads, grid=grid, periods=periods if isinstance(periods, list) else [])
 
 
 def state_from_snapshot(snap: Snapshot, counter_epoch: str, workloads: dict[str, Any],
@@ -179,7 +183,7 @@ def state_from_snapshot(snap: Snapshot, counter_epoch: str, workloads: dict[str,
             "reading_time": r.timestamp if r is not None else None,
         }
     return {"format": FORMAT, "version": VERSION, "written_at": now, "host": socket.gethostname(),
-            "gpus": gpus, "workloads": workloads, "grid": grid}
+            "gpus": gpus, "workloads": workloads, "grid": grid, "periods": state_entries(snap.periods)}
 
 
 def _gpu_to_json(g: SavedGpu) -> dict[str, Any]:

@@ -5,6 +5,8 @@ Read from `<proc_root>/<pid>/cgroup` (cgroup v1 and v2 lines alike) and `<proc_r
 /proc mounted (it needs the host PID and cgroup namespaces to see host paths) and tests can use
 fixture trees. Identities are cached per (pid, start time), the start time being field 22 of
 `/proc/<pid>/stat`, so a reused PID is identified afresh and a live PID costs one small read.
+A Slurm 26.05 job whose cgroup is named by its SLUID is told by its id from the process's `environ` or
+its slurmstepd's `cmdline` (found through `status` PPid), once per job (docs/slurm.md).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -30,10 +32,21 @@ KIND_POD = "pod"
 KIND_SLURM_JOB = "slurm_job"
 KIND_USER = "user"
 
-# A cgroup path component that names a Slurm job: `/slurm/uid_1000/job_42/step_0` (v1),
-# `/system.slice/slurmstepd.scope/job_42/step_0` (v2), `/slurm_node7/uid_1000/job_42` (multiple slurmd).
-_SLURM_JOB = re.compile(r"/slurm[^/]*/(?:[^/]+/)*?job_(\d+)(?:/|$)")
+# Slurm jobs (docs/slurm.md). A job directory sits below a component named slurm* (v1: `/slurm/uid_1000/
+# job_42/step_0`, `/slurm_node7/...` with multiple slurmd) or *slurmstepd.scope (v2: `/system.slice/
+# slurmstepd.scope/job_42/step_batch/user/task_0`, `node7_slurmstepd.scope` with multiple slurmd), or is
+# followed by a step directory (step_0, step_batch, step_extern, step_interactive, step_0+1). Since Slurm
+# 26.05, cgroup v2 job directories are named by the job's SLUID, "s" and 13 Crockford base32 digits
+# (`/system.slice/slurmstepd.scope/sEKNKTV3WPV500/step_0/user/task_0`), unless CgroupJobIdPaths=yes;
+# the SLUID carries no job id, the resolver finds that (WorkloadResolver._slurm_job_id).
+_SLURM_ROOT = r"/(?:[^/]*_)?slurm[^/]*/(?:[^/]+/)*?"
+_SLURM_STEP_DIR = r"/step_(?:\d+|batch|extern|interactive)(?:\+\d+)?(?:/|$)"
+_SLURM_JOB = re.compile(_SLURM_ROOT + r"job_(\d+)(?:/|$)|/job_(\d+)(?=" + _SLURM_STEP_DIR + ")")
+_SLURM_SLUID = re.compile(r"/(s[0-9A-HJKMNP-TV-Z]{13})(?=" + _SLURM_STEP_DIR + ")")
+_SLURM_STEP = re.compile(r"/(?:job_\d+|s[0-9A-HJKMNP-TV-Z]{13})/step_([^/]+)")
 _SLURM_UID = re.compile(r"/slurm[^/]*/uid_(\d+)(?:/|$)")
+# slurmstepd's process title (setproctitle): `slurmstepd: [4242.0]`, `[4242.batch]`, `[4242.extern stepmgr]`.
+_SLURMSTEPD_TITLE = re.compile(r"^slurmstepd: \[(\d+)[.\] ]")
 # Kubernetes pod UID: `/kubepods/burstable/pod<uid>/...` (cgroupfs driver) or
 # `kubepods-burstable-pod<uid with _ for ->.slice` (systemd driver). Static pods use a 32-hex hash.
 _UUID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32}"
@@ -53,6 +66,7 @@ class Workload:
     user: str = ""  # owner: user name, or the numeric uid where it has no name
     pod: str = ""  # pod name, where the container runtime's metadata was readable
     namespace: str = ""
+    account: str = ""  # Slurm account of a job (SLURM_JOB_ACCOUNT), where its environment was readable
 
     @property
     def key(self) -> tuple[str, str]:
@@ -64,9 +78,11 @@ class CgroupMatch:
     """What a /proc/<pid>/cgroup file says about the process's workload."""
 
     kind: str | None  # slurm_job | pod | container, None for a bare process
-    id: str = ""
+    id: str = ""  # a Slurm job's SLUID where its path names no job id
     container_id: str = ""  # the full 64-hex container id where there is one (pods included)
     uid: int | None = None  # the job owner from a Slurm v1 path
+    sluid: str = ""  # the Slurm job's SLUID when its cgroup directory is named by it (26.05+, cgroup v2)
+    step: str = ""  # the Slurm step directory's name after `step_`: 0, batch, extern, interactive
 
 
 def parse_cgroup(text: str) -> CgroupMatch:
@@ -79,9 +95,14 @@ def parse_cgroup(text: str) -> CgroupMatch:
             paths.append(parts[2].strip())
     for path in paths:
         m = _SLURM_JOB.search(path)
-        if m:
+        job_id = (m.group(1) or m.group(2)) if m else ""
+        s = _SLURM_SLUID.search(path) if not job_id else None
+        sluid = s.group(1) if s else ""
+        if job_id or sluid:
             uid = _SLURM_UID.search(path)
-            return CgroupMatch(KIND_SLURM_JOB, m.group(1), uid=int(uid.group(1)) if uid else None)
+            step = _SLURM_STEP.search(path)
+            return CgroupMatch(KIND_SLURM_JOB, job_id or sluid, uid=int(uid.group(1)) if uid else None,
+                               sluid=sluid, step=step.group(1) if step else "")
     container_id = ""
     for path in paths:
         for cm in _CONTAINER.finditer(path):
@@ -118,6 +139,31 @@ def parse_stat_start_time(text: str) -> int | None:
     if not sep or len(fields) < 20 or not fields[19].isdigit():
         return None
     return int(fields[19])  # fields[0] is field 3 (state)
+
+
+def parse_status_ppid(text: str) -> int | None:
+    """The parent PID from a /proc/<pid>/status file (`PPid:\t<pid>`); 0 for a process without one."""
+    for line in text.splitlines():
+        if line.startswith("PPid:"):
+            value = line[5:].strip()
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def parse_environ(text: str) -> dict[str, str]:
+    """A /proc/<pid>/environ file: NUL-separated NAME=value entries (the process's initial environment)."""
+    env: dict[str, str] = {}
+    for entry in text.split("\0"):
+        name, sep, value = entry.partition("=")
+        if sep and name:
+            env.setdefault(name, value)
+    return env
+
+
+def parse_slurmstepd_job_id(cmdline: str) -> str | None:
+    """The job id in slurmstepd's process title, from /proc/<pid>/cmdline (`slurmstepd: [4242.0]`)."""
+    m = _SLURMSTEPD_TITLE.match(cmdline.replace("\0", " "))
+    return m.group(1) if m else None
 
 
 class ProcReader(Protocol):
@@ -277,6 +323,8 @@ class WorkloadResolver:
     """pid -> Workload, cached per (pid, start time). Safe to call from several GPU threads."""
 
     CACHE_TTL_SECONDS = 600.0
+    SLURM_ANCESTORS = 16  # parents walked up from a process to its slurmstepd
+    MAX_SLUIDS = 10_000  # SLUID -> job id mappings kept (oldest forgotten first)
 
     def __init__(self, proc: ProcReader, users: UserNames | None = None, pods: PodMetadata | None = None,
                  bare_processes: str = KIND_USER, clock: Callable[[], float] = time.monotonic) -> None:
@@ -288,6 +336,7 @@ class WorkloadResolver:
         self.bare_processes = bare_processes
         self.clock = clock
         self._cache: dict[int, _Entry] = {}
+        self._sluid_jobs: dict[str, str] = {}  # Slurm SLUID -> job id, learnt from the job's processes
         self._lock = threading.Lock()
         self.reads = 0  # files read, for tests of the cache
 
@@ -316,6 +365,8 @@ class WorkloadResolver:
         except OSError:
             return None
         workload = self._identify(pid, parse_cgroup(cgroup_text), parse_status_uid(status_text))
+        if workload.kind == KIND_SLURM_JOB and not workload.account:
+            workload = replace(workload, account=self._slurm_account(pid))
         # The process may have ended and its PID been reused between the reads: only cache the
         # identity if the start time still matches.
         try:
@@ -335,7 +386,8 @@ class WorkloadResolver:
         uid = match.uid if match.uid is not None else status_uid
         user = self.users.name(uid) if uid is not None else ""
         if match.kind == KIND_SLURM_JOB:
-            return Workload(KIND_SLURM_JOB, match.id, user)
+            job_id = self._slurm_job_id(pid, match.sluid) if match.sluid else match.id
+            return Workload(KIND_SLURM_JOB, job_id or match.sluid, user)
         if match.kind == KIND_POD:
             meta = self.pods.lookup(match.container_id) if self.pods is not None else None
             return Workload(KIND_POD, match.id, user, *(meta or ("", "")))
@@ -344,6 +396,61 @@ class WorkloadResolver:
         if self.bare_processes == KIND_PROCESS:
             return Workload(KIND_PROCESS, str(pid), user)
         return Workload(KIND_USER, user or "unknown", user)
+
+    def _slurm_job_id(self, pid: int, sluid: str) -> str | None:
+        """The job id of a job whose cgroup directory is named by its SLUID (Slurm 26.05+, cgroup v2), from
+        what another process of the job told, else this process's environment (SLURM_JOB_ID where its
+        SLURM_JOB_SLUID is this SLUID; readable by root or the job's user), else the title of the slurmstepd
+        it descends from, checked to live in the same job directory (readable by anyone). None when nothing
+        tells: the job is then charged under its SLUID. Once known, the job's PIDs seen before switch to it."""
+        with self._lock:
+            known = self._sluid_jobs.get(sluid)
+        if known is not None:
+            return known
+        job_id = self._job_id_from_environ(pid, sluid) or self._job_id_from_slurmstepd(pid, sluid)
+        if job_id is None:
+            log.debug("Slurm job id of a SLUID not found yet; charging it to the SLUID",
+                      extra=kv(pid=pid, sluid=sluid))
+            return None
+        with self._lock:
+            self._sluid_jobs[sluid] = job_id
+            while len(self._sluid_jobs) > self.MAX_SLUIDS:
+                del self._sluid_jobs[next(iter(self._sluid_jobs))]
+            for entry in self._cache.values():
+                if entry.workload.kind == KIND_SLURM_JOB and entry.workload.id == sluid:
+                    entry.workload = replace(entry.workload, id=job_id)
+        return job_id
+
+    def _job_id_from_environ(self, pid: int, sluid: str) -> str | None:
+        try:
+            env = parse_environ(self._read(pid, "environ"))
+        except OSError:  # another user's process and no CAP_SYS_PTRACE (wattson's systemd unit), or gone
+            return None
+        job_id = env.get("SLURM_JOB_ID", "")
+        return job_id if job_id.isdigit() and env.get("SLURM_JOB_SLUID", "").upper() == sluid.upper() else None
+
+    def _job_id_from_slurmstepd(self, pid: int, sluid: str) -> str | None:
+        current = pid
+        for _ in range(self.SLURM_ANCESTORS):
+            try:
+                parent = parse_status_ppid(self._read(current, "status"))
+                if not parent or parent == 1:
+                    return None
+                job_id = parse_slurmstepd_job_id(self._read(parent, "cmdline"))
+                if job_id is not None:
+                    return job_id if parse_cgroup(self._read(parent, "cgroup")).sluid == sluid else None
+            except OSError:
+                return None
+            current = parent
+        return None
+
+    def _slurm_account(self, pid: int) -> str:
+        """The job's Slurm account (budget scope `account`) from the process's environment; "" where it is not
+        readable (another user's process and no CAP_SYS_PTRACE) or not set."""
+        try:
+            return parse_environ(self._read(pid, "environ")).get("SLURM_JOB_ACCOUNT", "")
+        except OSError:
+            return ""
 
     def prune(self) -> None:
         """Forget PIDs not seen for a while (called from the sampler thread, not per step)."""

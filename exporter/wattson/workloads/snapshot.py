@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..periods import ScopePeriodTotals
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,24 @@ class GpuAttribution:
 
 
 @dataclass(frozen=True)
+class KubeletStatus:
+    """Health of the kubelet PodResources source (podresources.py), replaced whole when it changes."""
+
+    up: bool | None  # the last List answered and decoded; None before the first poll
+    errors: tuple[tuple[str, int], ...]  # reason -> failed calls
+    last_success: float | None  # UNIX time of the last good List
+    unmapped_devices: int  # GPU device ids the kubelet names that match none of this host's GPUs
+
+
+@dataclass(frozen=True)
 class WorkloadSnapshot:
     series: tuple[WorkloadSeries, ...]  # ordered by (gpu, uuid, kind, workload)
     info: tuple[WorkloadInfo, ...]  # ordered by (kind, workload)
     gpus: tuple[GpuAttribution, ...]  # ordered by (gpu, uuid)
     workload_series: int  # series limited by max_series (idle, unattributed and overflow excluded)
+    kubelet: KubeletStatus | None = None  # None unless the kubelet PodResources source runs
+    # Day and month totals per budget scope value (namespace, account, user); see periods.ScopePeriods.
+    scope_periods: tuple[ScopePeriodTotals, ...] = ()
 
 
 EMPTY_WORKLOADS = WorkloadSnapshot((), (), (), 0)

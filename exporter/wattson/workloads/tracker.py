@@ -3,7 +3,8 @@
 Every accounted step of every GPU is split between the workloads whose processes ran on it
 (attribution.py) and added to monotonic per-(GPU, workload) totals. Nothing is dropped: a GPU with
 no compute process charges `kind="idle"`, one whose processes cannot be listed or identified
-charges `kind="unattributed"`, and workloads beyond the series cap charge `kind="overflow"`. So the
+charges `kind="unattributed"` (in both cases the pods the kubelet allocated the GPU to instead, where it
+did: podresources.py), and workloads beyond the series cap charge `kind="overflow"`. So the
 workload series of a GPU always add up to the GPU's own energy, cost and CO2e.
 
 Threads: `on_step` runs in the sampler's GPU reader thread; `snapshot` runs in the sampler thread
@@ -14,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from threading import Lock
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from ..config import WorkloadsConfig
 from ..energy import EnergyStep
 from ..gpu.base import GpuReading
 from ..logfmt import kv
+from ..periods import ScopePeriods, step_time
 from .attribution import (
     METHOD_IDLE,
     METHOD_UNATTRIBUTED,
@@ -35,6 +37,7 @@ from .attribution import (
 )
 from .cgroup import (
     DEFAULT_POD_METADATA_FILES,
+    KIND_POD,
     PodMetadata,
     ProcFS,
     ProcReader,
@@ -42,6 +45,7 @@ from .cgroup import (
     Workload,
     WorkloadResolver,
 )
+from .podresources import METHOD_POD_ALLOCATION, PodResourcesSource, build_source
 from .simulated_proc import SimulatedProcFS, simulated_procfs
 from .snapshot import GpuAttribution, WorkloadInfo, WorkloadSeries, WorkloadSnapshot
 
@@ -91,7 +95,7 @@ class StepShare:
 
 class WorkloadTracker:
     def __init__(self, resolver: WorkloadResolver, retention_seconds: float, max_series: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, period_offsets: Sequence[int] = (0,)) -> None:
         self.resolver = resolver
         self.retention_seconds = retention_seconds
         self.max_series = max_series
@@ -112,6 +116,8 @@ class WorkloadTracker:
         self._order: list[SeriesKey] = []
         self._info_snapshot: tuple[WorkloadInfo, ...] = ()
         self._snapshot: WorkloadSnapshot | None = None
+        self._scopes = ScopePeriods(period_offsets)  # day and month totals per namespace, account and user
+        self.kubelet: PodResourcesSource | None = None  # pods holding each GPU, per the kubelet (podresources.py)
 
     def add_gpu(self, index: int, uuid: str) -> None:
         """Make a GPU's overflow counter visible (at 0) before its first step."""
@@ -125,23 +131,24 @@ class WorkloadTracker:
                 reading: GpuReading) -> None:
         """The sampler's StepListener. Never raises: a failure charges the step to unattributed."""
         try:
-            method, shares = self.split(step, charge, reading)
+            method, shares = self.split(step, charge, reading, uuid)
         except Exception:
             log.exception("workload attribution failed; step charged to unattributed",
                           extra=kv(gpu=gpu_index, uuid=uuid))
             method, shares = METHOD_UNATTRIBUTED, [StepShare(ATTRIBUTION_ERROR, step.joules, charge.cost,
                                                              charge.co2e_grams)]
         try:
-            self._record(gpu_index, uuid, method, shares, self.clock())
+            self._record(gpu_index, uuid, method, shares, self.clock(), step_time(step.start, step.end))
         except Exception:  # e.g. a non-finite amount: the GPU's own accounting must go on regardless
             log.exception("workload accounting failed; step not charged to workloads",
                           extra=kv(gpu=gpu_index, uuid=uuid))
 
-    def split(self, step: EnergyStep, charge: StepCharge, reading: GpuReading) -> tuple[str, list[StepShare]]:
+    def split(self, step: EnergyStep, charge: StepCharge, reading: GpuReading,
+              uuid: str = "") -> tuple[str, list[StepShare]]:
         """The attribution method and every workload's exact part of the step. Shares add up exactly
         to step.joules (GPU energy, no PUE, as wattson_gpu_energy_joules_total), to each currency's
         amount and to the grams of `charge` (facility energy x price / intensity)."""
-        method, weighted = self._weights(reading)
+        method, weighted = self._weights(reading, uuid)
         workloads = [w for w, _ in weighted]
         weights = integer_weights([wt for _, wt in weighted])
         energy = split_exact(step.joules, weights)
@@ -152,29 +159,51 @@ class WorkloadTracker:
             for i, w in enumerate(workloads)
         ]
 
-    def _weights(self, reading: GpuReading) -> tuple[str, list[tuple[Workload, Fraction]]]:
+    def _weights(self, reading: GpuReading, uuid: str = "") -> tuple[str, list[tuple[Workload, Fraction]]]:
         processes = reading.processes
+        kubelet = self.kubelet
+        holds = kubelet.holds(uuid) if kubelet is not None else ()
+        if kubelet is not None and holds and not processes:
+            # Allocated but no process seen (or no list): the pods that reserved the GPU pay for it.
+            return METHOD_POD_ALLOCATION, kubelet.allocation_weights(holds)
         if processes is None:
             return METHOD_UNATTRIBUTED, [(NO_PROCESS_LIST, Fraction(1))]
         if not processes:
             return METHOD_IDLE, [(IDLE, Fraction(1))]
         method, weights = process_weights(processes)
         by_workload: dict[tuple[str, str], tuple[Workload, Fraction]] = {}
+        unresolved: list[tuple[int | None, Fraction]] = []  # processes the kubelet's pods may own
+
+        def add(workload: Workload, weight: Fraction) -> None:
+            prev = by_workload.get(workload.key)
+            by_workload[workload.key] = (workload, weight + (prev[1] if prev else 0))
+
         for proc, weight in zip(processes, weights, strict=True):
             if weight == 0:
                 continue
-            workload = self.resolver.resolve(proc.pid) or UNKNOWN_PROCESS
-            prev = by_workload.get(workload.key)
-            by_workload[workload.key] = (workload, weight + (prev[1] if prev else 0))
+            resolved = self.resolver.resolve(proc.pid)
+            if resolved is None and holds:
+                unresolved.append((proc.gpu_instance_id, weight))
+                continue
+            if kubelet is not None and resolved is not None:
+                kubelet.learn(resolved)
+            add(resolved or UNKNOWN_PROCESS, weight)
+        if kubelet is not None and unresolved:
+            seen = {(w.namespace, w.pod) for w, _ in by_workload.values() if w.kind == KIND_POD}
+            for pod, weight in kubelet.assign(holds, unresolved, seen):
+                add(pod or UNKNOWN_PROCESS, weight)
         return method, [by_workload[k] for k in sorted(by_workload)]
 
-    def _record(self, gpu_index: int, uuid: str, method: str, shares: list[StepShare], now: float) -> None:
+    def _record(self, gpu_index: int, uuid: str, method: str, shares: list[StepShare], now: float,
+                at: float | None = None) -> None:
         with self._lock:
             self._changed = True
             self._methods[(gpu_index, uuid)] = method
             self._overflowed.setdefault((gpu_index, uuid), 0)
             for share in shares:
                 workload = share.workload
+                if at is not None:  # the scopes of the workload itself, whether or not its series overflows
+                    self._scopes.add(at, scope_keys(workload), share.energy_joules, share.cost, share.co2e_grams)
                 key = (gpu_index, uuid, workload.kind, workload.id)
                 totals = self._series.get(key)
                 if totals is None:
@@ -205,8 +234,14 @@ class WorkloadTracker:
         if now - self._last_prune > 60.0:
             self._last_prune = now
             self.resolver.prune()
+        kubelet = self.kubelet.status if self.kubelet is not None else None
         with self._lock:
+            scopes = self._scopes.snapshot(now)
+            if self._snapshot is not None and self._snapshot.scope_periods is not scopes:
+                self._snapshot = replace(self._snapshot, scope_periods=scopes)
             if not self._changed and self._snapshot is not None:
+                if self._snapshot.kubelet is not kubelet:
+                    self._snapshot = replace(self._snapshot, kubelet=kubelet)
                 return self._snapshot
             for key in self._dirty:
                 t = self._series.get(key)
@@ -226,7 +261,7 @@ class WorkloadTracker:
             gpus = tuple(GpuAttribution(gpu, uuid, self._methods.get((gpu, uuid)), n)
                          for (gpu, uuid), n in sorted(self._overflowed.items()))
             self._snapshot = WorkloadSnapshot(tuple(self._frozen[k] for k in self._order), self._info_snapshot,
-                                              gpus, self._workload_series)
+                                              gpus, self._workload_series, kubelet=kubelet, scope_periods=scopes)
             return self._snapshot
 
     def _expire(self, now: float) -> None:
@@ -259,6 +294,7 @@ class WorkloadTracker:
                            for (gpu, uuid, kind, wid), t in self._series.items()],
                 "info": [[w.kind, w.id, w.user, w.pod, w.namespace] for w in self._info.values()],
                 "overflowed": [[gpu, uuid, n] for (gpu, uuid), n in self._overflowed.items()],
+                "scope_periods": self._scopes.export(),
             }
 
     def restore_state(self, data: dict[str, Any]) -> int:
@@ -305,10 +341,16 @@ class WorkloadTracker:
                                                                                                  str(uuid)), 0))
                 except (TypeError, ValueError):
                     bad += 1
+            bad += self._scopes.restore(data.get("scope_periods"), now)
             self._changed = self._keys_changed = True
         return bad
 
     # -- tests -------------------------------------------------------------------------------------
+
+    def exact_scope_totals(self, scope: str, value: str) -> dict[tuple[str, str], dict[str, Any]]:
+        """Exact period totals of one scope value (Fractions) per (period, offset), for tests."""
+        with self._lock:
+            return self._scopes.ledger.exact((scope, value))
 
     def exact_totals(self) -> dict[SeriesKey, dict[str, Any]]:
         """Exact totals per series (Fractions), for conservation tests."""
@@ -317,6 +359,13 @@ class WorkloadTracker:
                           "cost": {c: s.exact for c, s in t.cost.items()},
                           "credit": {c: s.exact for c, s in t.credit.items()}}
                     for key, t in self._series.items()}
+
+
+def scope_keys(w: Workload) -> tuple[tuple[str, str], ...]:
+    """The budget scope values (namespace, Slurm account, user) a workload's energy counts for; none for the
+    idle, unattributed and overflow buckets."""
+    return tuple((scope, value) for scope, value in (("namespace", w.namespace), ("account", w.account),
+                                                      ("user", w.user)) if value)
 
 
 def _add(totals: _Totals, share: StepShare) -> None:
@@ -351,10 +400,14 @@ def attach(sampler: Sampler, backend: object, cfg: WorkloadsConfig) -> WorkloadT
     """Wire per-workload accounting into a sampler. The backend must have been built to list each GPU's
     processes (cli.build_backend does so when workloads are enabled)."""
     resolver = build_resolver(cfg, backend)
-    tracker = WorkloadTracker(resolver, cfg.retention_seconds, cfg.max_series, clock=sampler.clock)
+    tracker = WorkloadTracker(resolver, cfg.retention_seconds, cfg.max_series, clock=sampler.clock,
+                              period_offsets=sampler.periods.offsets)
     for gpu in sampler.gpus:
         tracker.add_gpu(gpu.identity.index, gpu.identity.uuid)
     sampler.workloads = tracker
+    tracker.kubelet = build_source(cfg, lambda: sampler.gpus, getattr(backend, "name", ""))
+    if tracker.kubelet is not None:
+        tracker.kubelet.start()
     log.info("per-workload accounting enabled",
              extra=kv(proc_root="(simulated)" if isinstance(resolver.proc, SimulatedProcFS) else cfg.proc_root,
                       retention_seconds=cfg.retention_seconds, max_series=cfg.max_series))
