@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from . import __version__, logfmt
 from .budgets import Budgets
@@ -33,6 +34,9 @@ from .state import PeriodicSaver, StateStore
 from .web import ApiHandler, WattsonHTTPServer
 from .webconfig import WebConfigError, WebSecurity, load_web_config
 from .workloads.jobs import workloads_response
+
+if TYPE_CHECKING:
+    from .workloads.tracker import WorkloadTracker
 
 log = logging.getLogger("wattson")
 
@@ -141,6 +145,7 @@ class App:
                 from None
         self.stopped = threading.Event()
         self._reload_requested = threading.Event()
+        self.tracker: WorkloadTracker | None = None
 
     def start(self) -> None:
         self._preflight_grid()  # ConfigError -> exit 2 in main()
@@ -148,7 +153,7 @@ class App:
         if self.cfg.workloads.enabled and self.backend.name != "none":  # no GPUs, no processes on them
             from .workloads.tracker import attach
 
-            attach(self.sampler, self.backend, self.cfg.workloads)
+            self.tracker = attach(self.sampler, self.backend, self.cfg.workloads)
         saved = self.store.load({g.identity.uuid for g in self.sampler.gpus})
         if saved is not None:
             for problem in self.grid.restore_state(saved.grid):
@@ -282,6 +287,8 @@ class App:
         deadline = time.monotonic() + 1.0
         self.sampler.request_stop()
         self.grid.stop()
+        if self.tracker is not None and self.tracker.kubelet is not None:
+            self.tracker.kubelet.stop(timeout=0.0)  # told to stop; its thread is a daemon
         self._reload_requested.set()
         self.server.shutdown()  # returns within serve_forever's 0.1 s poll: the accept loop never blocks
         self.server.server_close()
