@@ -210,3 +210,31 @@ def test_workload_totals_continue_across_a_restart():
                    StepCharge(300.0, (("EUR", 2.5e-5),), 0.03, ()), reading)
     assert sum(s.energy_joules for s in second.snapshot(now[0]).series) == pytest.approx(6 * 300.0)
     assert tracker().restore_state({"series": [["bad"], [0, "GPU-a", "pod", "x", "NaN", {}, {}, 0]]}) == 2
+
+
+def test_restored_totals_stay_unexported_and_unsaved_until_a_reading_continues_them(tmp_path):
+    from wattson.exposition import Exposition
+    from wattson.gpu.base import GpuReadError
+
+    host = Host(tmp_path)
+    host.save(host.run(5))
+    saved_entry = json.loads((host.storage / FILE_NAME).read_text())["gpus"][host.gpu.identity.uuid]
+    host.clock.advance(10)
+    host.gpu.fail_with = GpuReadError("gpu_lost", "GPU 0: lost")
+    sampler = Sampler(host.backend, grid=priced_grid(host.clock), clock=host.clock.time)
+    sampler.start_backend()
+    store = StateStore(str(host.storage), clock=host.clock.time)
+    saved = store.load({host.gpu.identity.uuid})
+    assert saved is not None
+    sampler.restore(saved)
+    sampler.sample_round()
+    text = Exposition().render(sampler.snapshot).text.decode()
+    assert "wattson_gpu_energy_joules_total{" not in text and 'wattson_gpu_up{gpu="0"' in text
+    doc = sampler.state_document()
+    saved_entry.pop("index")
+    assert doc is not None and doc["gpus"][host.gpu.identity.uuid] == saved_entry  # the file keeps the old entry
+    host.gpu.fail_with = None
+    host.clock.advance(1)
+    sampler.sample_round()
+    text = Exposition().render(sampler.snapshot).text.decode()
+    assert f'wattson_gpu_energy_joules_total{{gpu="0",uuid="{host.gpu.identity.uuid}"}} {16 * 500.0}' in text

@@ -66,8 +66,8 @@ def _gpu_metrics(snap: Snapshot) -> Iterator[Metric]:
     up = _gauge("wattson_gpu_up", "1 if the last read of this GPU succeeded, 0 if it failed or hung.")
     power = _gauge("wattson_gpu_power_watts", "Power draw of the GPU board in watts.")
     limit = _gauge("wattson_gpu_power_limit_watts", "Enforced power limit in watts.")
-    energy = CounterMetricFamily("wattson_gpu_energy_joules", "Energy used by the GPU since wattson started, "
-                                 "in joules (no PUE applied).", labels=GPU)
+    energy = CounterMetricFamily("wattson_gpu_energy_joules", "Energy used by the GPU, in joules (no PUE applied); "
+                                 "continued across wattson restarts through the state file.", labels=GPU)
     mem_used = _gauge("wattson_gpu_memory_used_bytes", "GPU memory used in bytes (reserved memory excluded).")
     mem_total = _gauge("wattson_gpu_memory_total_bytes", "GPU memory in bytes.")
     util = _gauge("wattson_gpu_utilization_ratio", "Fraction of the last sample period a kernel was running.")
@@ -92,7 +92,6 @@ def _gpu_metrics(snap: Snapshot) -> Iterator[Metric]:
         lv = [str(ident.index), ident.uuid]
         info.add_metric(lv + [ident.name, ident.pci_bus_id, ident.driver_version, g.energy_method, snap.backend], 1)
         up.add_metric(lv, 1 if g.up else 0)
-        energy.add_metric(lv, g.energy_joules)
         r = g.reading
         if r is not None:
             # Gauges of a GPU that is down keep their last value only through wattson_gpu_up=0; a stale
@@ -107,6 +106,9 @@ def _gpu_metrics(snap: Snapshot) -> Iterator[Metric]:
                 mem_total.add_metric(lv, r.memory_total_bytes)
             if g.up and r.memory_used_bytes is not None:
                 mem_used.add_metric(lv, r.memory_used_bytes)
+        if g.catching_up:
+            continue  # restored totals not yet continued by a reading could be lower than the last exported
+        energy.add_metric(lv, g.energy_joules)
         for currency, amount in g.account.cost:
             cost.add_metric(lv + [currency], amount)
         for currency, amount in g.account.credit:

@@ -61,6 +61,7 @@ class GpuState:
         self.hung_reported = False
         self.read_since: float | None = None  # monotonic start of a driver call still in progress
         self.unmetered_seconds = 0.0  # time whose energy could not be known (after a reboot, for instance)
+        self.catching_up = False  # restored totals not yet continued by a reading
         self.snapshot = GpuSnapshot(self.identity, False, None, 0.0, "unknown", ())
 
     def read(self) -> GpuReading | GpuReadError:
@@ -88,6 +89,7 @@ class GpuState:
         reading = outcome
         self.hung_reported = False
         step = self.meter.update(reading)
+        self.catching_up = False
         if step is not None:
             if step.reset:
                 self._count("counter_reset")
@@ -117,6 +119,7 @@ class GpuState:
             errors=tuple(sorted(self.errors.items())),
             account=self.account.frozen(),
             unmetered_seconds=self.unmetered_seconds,
+            catching_up=self.catching_up,
         )
 
     def mark_hung(self) -> None:
@@ -144,6 +147,9 @@ class GpuState:
                               counter_runs_on=bool(counter_epoch) and saved.counter_epoch == counter_epoch)
         else:
             self.meter.total_joules = saved.energy_joules
+        # Until a reading continues them, the saved totals may be lower than what was exported after the save:
+        # they stay unexported (and unsaved) so that no scrape ever sees a counter go down.
+        self.catching_up = True
         self._publish(up=False)
 
 
@@ -300,13 +306,7 @@ class Sampler:
     def restore(self, saved: SavedState) -> None:
         """Continue a previous run: GPUs are matched by UUID; workload totals go to the workload tracker."""
         self._saved = saved
-        epoch = self.backend.counter_epoch
-        restored = 0
-        for g in self.gpus:
-            prev = saved.gpus.get(g.identity.uuid)
-            if prev is not None:
-                g.restore(prev, epoch)
-                restored += 1
+        restored = sum(self._restore_gpu(g) for g in self.gpus)
         bad_periods = self.periods.restore(saved.periods, self.clock())
         if bad_periods:
             log.warning("saved period totals skipped (malformed)", extra=kv(entries=bad_periods))
@@ -315,6 +315,14 @@ class Sampler:
             if bad:
                 log.warning("saved workload entries skipped (malformed)", extra=kv(entries=bad))
         log.info("totals continued from the saved state", extra=kv(gpus=restored))
+
+    def _restore_gpu(self, gpu: GpuState) -> bool:
+        """Continue one GPU's saved totals, at start or when a GPU missing then is found at a re-initialisation."""
+        prev = self._saved.gpus.get(gpu.identity.uuid) if self._saved is not None else None
+        if prev is None:
+            return False
+        gpu.restore(prev, self.backend.counter_epoch)
+        return True
 
     def state_document(self) -> dict[str, Any] | None:
         """What the state file should hold now; None until a round completed (nothing new to save)."""
@@ -357,7 +365,11 @@ class Sampler:
             if gpu is not None:
                 gpu.replace_device(device)
             else:
-                self.gpus.append(GpuState(device, self.max_power_watts, self.periods))
+                gpu = GpuState(device, self.max_power_watts, self.periods)
+                if self._restore_gpu(gpu):
+                    log.info("GPU found again continues its saved totals", extra=kv(gpu=gpu.identity.index,
+                                                                                    uuid=gpu.identity.uuid))
+                self.gpus.append(gpu)
         self.gpus.sort(key=lambda g: g.identity.index)
         self._retry_delay = self._retry_initial
         self._backend_down = False

@@ -29,6 +29,7 @@ class GpuSnapshot:
     errors: tuple[tuple[str, int], ...]  # error kind -> count
     account: AccountSnapshot = field(default_factory=AccountSnapshot)
     unmetered_seconds: float = 0.0
+    catching_up: bool = False  # totals restored from the state file, not yet continued by a reading: unexported
 
 
 @dataclass(frozen=True)

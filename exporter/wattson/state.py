@@ -167,6 +167,8 @@ def state_from_snapshot(snap: Snapshot, counter_epoch: str, workloads: dict[str,
     if previous is not None:
         gpus.update({u: _gpu_to_json(g) for u, g in previous.gpus.items()})
     for g in snap.gpus:
+        if g.catching_up:
+            continue  # not read since its totals were restored: the previous file's entry still holds
         r = g.reading
         gpus[g.identity.uuid] = {
             "index": g.identity.index,
