@@ -1,11 +1,11 @@
 """The sampler: reads every GPU on an interval and publishes immutable snapshots.
 
-One reader thread reads the GPUs of a round one after the other, so a round costs two thread
-wake-ups however many GPUs there are. A driver call that hangs costs that GPU only: when a read
-outlives `gpu_timeout_seconds`, the GPU is marked down (hung), the stuck reader is left inside the
-driver and a fresh reader carries on with the rest of the round. The hung GPU is skipped until its
-call returns. Scrapes never call NVML; they read `Sampler.snapshot`, replaced atomically after
-every round.
+One thread reads the GPUs of a round one after the other: the sampling loop's own thread, so a round
+costs one timer wake-up however many GPUs there are. A driver call that hangs costs that GPU only:
+when a read outlives `gpu_timeout_seconds`, the GPU is marked down (hung), the stuck thread is left
+inside the driver and a fresh one carries on with the rest of the round (a watchdog notices in the
+loop; the caller of `sample_round()` does outside it). The hung GPU is skipped until its call
+returns. Scrapes never call NVML; they read `Sampler.snapshot`, replaced atomically after every round.
 """
 
 from __future__ import annotations
