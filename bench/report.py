@@ -76,7 +76,7 @@ def render(results: dict[str, Any]) -> str:
     lines += ["", "## Summary", ""]
     lines += _table(["#", "target", "result", "verdict"], summary_rows(results))
     for key, fn in (("scrape", _scrape), ("sampler", _sampler), ("energy", _energy), ("memory", _memory),
-                    ("memory_trace", _memory_trace), ("exposition", _exposition)):
+                    ("memory_trace", _memory_trace), ("exposition", _exposition), ("rules", _rules)):
         lines.append("")
         section = results.get(key)
         if section is None:
@@ -86,9 +86,10 @@ def render(results: dict[str, Any]) -> str:
     lines += ["", "## Rerunning", "",
               "```",
               "apt-get install -y --no-install-recommends prometheus-node-exporter   # the reference",
-              "python bench/run.py --json results.json  # full: about 50 minutes, 30 of them the memory run",
+              "python bench/run.py --json results.json  # full: about 60 minutes, 30 of them the memory run",
               "python bench/run.py --quick              # smoke sizes, about a minute",
               "python bench/run.py --only scrape,sampler --reuse results.json --json results2.json",
+              "python bench/run.py --only rules --reuse results.json --json results2.json  # rule cost: ~10 min",
               "python bench/run.py --render-from results2.json   # rewrite this file from saved results",
               "```", ""]
     return "\n".join(lines)
@@ -101,6 +102,7 @@ TITLES = {
     "memory": "4. Memory",
     "memory_trace": "4b. Memory: what grows (tracemalloc)",
     "exposition": "5. Exposition size",
+    "rules": "6. Rule cost: today, month to date and the forecasts in Prometheus",
 }
 
 
@@ -195,6 +197,12 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
                      f"{pg['series']:.0f} series, {pg['plain_bytes']:.0f} B plain, "
                      f"{pg['gzip_bytes']:.0f} B gzip per GPU; {ex['fixed_series']:.0f} fixed series",
                      "reported"])
+    ru = results.get("rules")
+    if ru is not None and "error" in ru:
+        rows.append(["6", "today/month to date: samples per input series and per evaluation", ru["error"],
+                     "not measured"])
+    elif ru is not None:
+        rows.append(_rules_summary(ru))
     return rows
 
 
@@ -491,3 +499,121 @@ def _exposition(ex: dict[str, Any]) -> list[str]:
         lines += ["", f"`wattson_sampler_errors_total` is {errs:g} of the {pg['series']:.0f} per-GPU series: "
                       "every error kind is exported at 0 so that `increase()` sees the first error."]
     return lines
+
+
+# --- 6. rule cost ------------------------------------------------------------------------------------
+
+NEW_PERIOD_GROUPS = ("wattson.periods", "wattson.forecast")
+BASELINE_GROUP = "baseline.accounting"
+SCRAPE_SECONDS = 15  # the shipped scrape interval: range reads of scraped series grow by step / 15 s
+
+
+def _period_rows(ru: dict[str, Any], groups: tuple[str, ...]) -> list[dict[str, Any]]:
+    return [r for r in ru["extrapolated"] if r["group"] in groups]
+
+
+def _per_series_at_scrape(ru: dict[str, Any], per_series: float) -> float:
+    """Samples per input series at the shipped 15 s scrape interval (an upper bound: ranges over
+    scraped series hold step / 15 s times more samples; recorded series keep their group's step)."""
+    return per_series * ru["step_seconds"] / SCRAPE_SECONDS
+
+
+def _rules_summary(ru: dict[str, Any]) -> list[str]:
+    new = _period_rows(ru, NEW_PERIOD_GROUPS)
+    old = _period_rows(ru, (BASELINE_GROUP,))
+    worst_series = max(new, key=lambda r: r["samples_per_series"])
+    worst_total = max(new, key=lambda r: r["samples_at_target"])
+    at_scrape = _per_series_at_scrape(ru, worst_series["samples_per_series"])
+    result = (f"shipped: at most {worst_series['samples_per_series']:.0f} samples per input series per evaluation "
+              f"at a {ru['step_seconds']} s step (<= {at_scrape:.0f} at {SCRAPE_SECONDS} s), at most "
+              f"{worst_total['samples_at_target']:,.0f} per evaluation at {ru['target_hosts']:,} hosts "
+              f"(`{worst_total['rule']}`)")
+    if old:
+        worst_old = max(old, key=lambda r: r["samples_at_target"])
+        result += (f"; replaced rules: `{worst_old['rule'].removeprefix('baseline_')}` "
+                   f"{worst_old['samples_per_series']:,.0f} per input series, "
+                   f"{worst_old['samples_at_target']:,.0f} per evaluation at {ru['target_hosts']:,} hosts")
+    met = at_scrape <= ru["samples_per_series_target"] and worst_total["samples_at_target"] <= ru["max_samples"]
+    verdict = "met" if met else "**missed**"
+    if ru["days"] < 31:
+        verdict += f" ({ru['days']} days of history, not a month)"
+    return ["6", f"today/month to date: <= {ru['samples_per_series_target']:,} samples per input series per "
+                 f"evaluation, within --query.max-samples ({ru['max_samples']:,}) at {ru['target_hosts']:,} hosts",
+            result, verdict]
+
+
+def _rules(ru: dict[str, Any]) -> list[str]:
+    if "error" in ru:
+        return [f"## {TITLES['rules']}", "", f"Not measured: {ru['error']}."]
+    hosts = ru["hosts"]
+    lines = [f"## {TITLES['rules']}", "",
+             f"A synthetic fleet of {' and '.join(map(str, hosts))} hosts with {ru['gpus_per_host']} GPUs' worth of "
+             f"series each: {ru['days']} days of history backfilled with `promtool tsdb create-blocks-from "
+             f"openmetrics` at a {ru['step_seconds']} s step (the month of one-minute increments the replaced "
+             "rules summed, and the last hours of everything else: no rule reads further back), then scraped "
+             f"live by Prometheus {ru['prometheus'] or '(version unknown)'} on loopback, which evaluated the "
+             "shipped rule groups and, beside them, the rules they replace (`baseline.accounting`: today and "
+             "month to date summed from recorded increments, renamed `baseline_*`) every "
+             f"{ru['evaluation_seconds']} s. Samples are Prometheus's own query statistics (`stats=all`: "
+             "totalQueryableSamples and peakSamples) for each rule's expression at its last evaluation; "
+             "evaluation times are what Prometheus reports for the rule and the group (median of "
+             "evaluations). Per input series: samples read over the distinct series the rule's selectors "
+             "match (a series read twice counts twice; the replaced rules' daily increment series count as "
+             f"one chain per host). Extrapolation to {ru['target_hosts']:,} hosts: the line through the "
+             "measured sizes.", ""]
+    lines += _table(["group"] + [f"eval ms, {n} hosts" for n in hosts] + [f"eval ms at {ru['target_hosts']:,}"],
+                    _group_rows(ru))
+    lines += ["", "The period and forecast rules, and the ones they replace (the rest are in the raw results):", ""]
+    header = (["group", "rule"] + [f"samples, {n} hosts" for n in hosts]
+              + ["per input series", "peak", f"samples at {ru['target_hosts']:,}", "eval ms (largest)"])
+    rows = []
+    last = ru["sizes"][-1]
+    evals = {(r["group"], r["rule"]): r for r in last["rules"]}
+    for r in ru["extrapolated"]:
+        if r["group"] not in (*NEW_PERIOD_GROUPS, BASELINE_GROUP):
+            continue
+        per_size = [next(x for x in s["rules"] if x["group"] == r["group"] and x["rule"] == r["rule"]) for s in
+                    ru["sizes"]]
+        mark = " **over**" if r["samples_at_target"] > ru["max_samples"] else ""
+        rows.append([r["group"], f"`{r['rule']}`"] + [f"{x['samples']:,}" for x in per_size]
+                    + [f"{r['samples_per_series']:,.0f}", f"{evals[(r['group'], r['rule'])]['peak_samples']:,}",
+                       f"{r['samples_at_target']:,.0f}{mark}",
+                       f"{evals[(r['group'], r['rule'])]['eval_seconds'] * 1e3:.1f}"])
+    lines += _table(header, rows)
+    new = _period_rows(ru, NEW_PERIOD_GROUPS)
+    old = _period_rows(ru, (BASELINE_GROUP,))
+    worst = max(new, key=lambda r: r["samples_per_series"])
+    lines += ["", f"Shipped rules: at most **{worst['samples_per_series']:.0f} samples per input series** in one "
+                  f"evaluation (`{worst['rule']}`) at this {ru['step_seconds']} s step; at a {SCRAPE_SECONDS} s "
+                  f"scrape interval at most {_per_series_at_scrape(ru, worst['samples_per_series']):.0f}, against "
+                  f"the {ru['samples_per_series_target']:,} the rules are built to stay within."]
+    if old:
+        worst_old = max(old, key=lambda r: r["samples_at_target"])
+        over = [r for r in old if r["over_max_samples"]]
+        lines += ["", f"Replaced rules: `{worst_old['rule']}` read {worst_old['samples_per_series']:,.0f} samples "
+                      f"per input series and would read {worst_old['samples_at_target']:,.0f} in one evaluation at "
+                      f"{ru['target_hosts']:,} hosts" + (f"; {len(over)} of them more than Prometheus's default "
+                                                          f"--query.max-samples of {ru['max_samples']:,}."
+                                                          if over else "."),
+                  "", f"Prometheus counts --query.max-samples against the samples a query holds at once (peak), and "
+                      f"a function over a range takes one series at a time: the largest peak here is "
+                      f"{max(r['peak_at_target'] for r in old):,.0f} (replaced) and "
+                      f"{max(r['peak_at_target'] for r in new):,.0f} (shipped) at {ru['target_hosts']:,} hosts, "
+                      "far from the limit either way. What grows with the month is the work: the replaced rules "
+                      "read every sample of the month at every evaluation, the shipped ones the last minutes."]
+    return lines
+
+
+def _group_rows(ru: dict[str, Any]) -> list[list[str]]:
+    xs = [float(s["hosts"]) for s in ru["sizes"]]
+    rows = []
+    for name in ru["sizes"][-1]["groups"]:
+        ys = [s["groups"].get(name, 0.0) * 1e3 for s in ru["sizes"]]
+        if len(xs) > 1 and xs[-1] != xs[0]:
+            slope = (ys[-1] - ys[0]) / (xs[-1] - xs[0])
+            at = ys[-1] + slope * (ru["target_hosts"] - xs[-1])
+        else:
+            at = ys[-1] * ru["target_hosts"] / xs[-1]
+        rows.append([name] + [f"{y:.1f}" for y in ys] + [f"{max(at, 0.0):.0f}"])
+    return rows
+

@@ -1,6 +1,6 @@
 """Run wattson's benchmarks (issue 5) and rewrite docs/benchmarks.md with the results.
 
-    python bench/run.py            # full: the issue's numbers (about 50 minutes, 30 of them memory)
+    python bench/run.py            # full: the issue's numbers (about 60 minutes, 30 of them memory)
     python bench/run.py --quick    # small counts, for CI smoke tests (about a minute)
 
 Each section is a module of this package with a run() that returns plain data; this script adds the
@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 from bench import common, report  # noqa: E402
 
-SECTIONS = ("exposition", "energy", "sampler", "scrape", "memory", "memory_trace")
+SECTIONS = ("exposition", "energy", "sampler", "scrape", "memory", "memory_trace", "rules")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--energy-trials", type=int,
                    help="Random phases per energy profile (default 20, quick 2).")
     p.add_argument("--energy-window", type=float, help="Energy window in seconds (default 3600, quick 300).")
+    p.add_argument("--rules-hosts", help="Fleet sizes for the rule cost, comma-separated (default 25,50, quick 2).")
+    p.add_argument("--rules-days", type=int, help="Days of history for the rule cost (default 32, quick 2).")
     return p.parse_args(argv)
 
 
@@ -67,6 +69,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": pick(args.rounds, 5000, 200),
         "energy_trials": pick(args.energy_trials, 20, 2),
         "energy_window": pick(args.energy_window, 3600.0, 300.0),
+        "rules_hosts": [int(x) for x in args.rules_hosts.split(",")] if args.rules_hosts else ([2] if q else [25, 50]),
+        "rules_days": pick(args.rules_days, 32, 2),
     }
 
 
@@ -101,6 +105,12 @@ def run_section(name: str, s: dict[str, Any]) -> dict[str, Any]:
 
         return memory_trace.run(minutes=s["trace_minutes"], warmup_seconds=30.0 if not s["quick"] else 2.0,
                                 progress=progress)
+    if name == "rules":
+        from bench import rule_cost
+
+        return rule_cost.run(hosts=s["rules_hosts"], days=s["rules_days"], polls=2 if s["quick"] else 3,
+                             evaluation_seconds=5 if s["quick"] else 15,
+                             compaction_timeout=5.0 if s["quick"] else 300.0, progress=progress)
     raise ValueError(f"unknown section {name!r}")
 
 

@@ -9,7 +9,8 @@ fails when they drift apart. panel_queries() lists every panel's PromQL with the
 variables substituted, so a test can run each one through a real Prometheus.
 
 Every panel uses the `datasource` variable; queries filter on `instance=~"$host"` and, on the GPU
-dashboard, `gpu=~"$gpu"`. Money panels carry one unit override per currency (the legend ends in
+dashboard, `gpu=~"$gpu"`; today and month to date (Fleet, Budget) on `offset="$offset"`, the day
+boundary. Money panels carry one unit override per currency (the legend ends in
 the currency code), because a Grafana unit cannot come from a label.
 """
 
@@ -27,6 +28,7 @@ OUT_DIR = Path(__file__).resolve().parent / "dashboards"
 DATASOURCE_UID = "wattson-prometheus"  # grafana/provisioning/datasources/prometheus.yml
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SCHEMA_VERSION = 39
+UTC_OFFSET = "+00:00"  # the `offset` label of UTC days and months, which every wattson exports
 TAGS = ["wattson"]
 
 # Grafana's built-in currency units (valueFormats "Currency" category).
@@ -42,6 +44,10 @@ SHARE_STEPS = [(None, "green"), (0.8, "orange"), (1.0, "red")]
 
 HOST = 'instance=~"$host"'
 HOST_GPU = 'instance=~"$host", gpu=~"$gpu"'
+# Today and month to date at the day boundary the `offset` variable picks (+00:00 is UTC).
+HOST_OFFSET = 'instance=~"$host", offset="$offset"'
+# The labels that name a budget scope (prometheus/rules/wattson-recording.yml, level `scope`).
+SCOPE_KEYS = "scope, cluster, job, instance, namespace, account, user"
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,7 @@ class Dashboard:
     panels: tuple[Panel, ...]
     time_from: str = "now-24h"
     text_variables: tuple[TextVariable, ...] = ()
+    offset_variable: bool = False  # today and month to date: which day boundary (UTC or a configured offset)
 
     @property
     def filename(self) -> str:
@@ -100,7 +107,9 @@ UP_DOWN = {"1": ("up", "green"), "0": ("down", "red")}
 FLEET = Dashboard(
     uid="wattson-fleet",
     title="wattson / Fleet overview",
-    description="Power, energy, cost and CO2e of the GPU fleet now, today and this month (UTC), against budget.",
+    description="Power, energy, cost and CO2e of the GPU fleet now, today and this month, against the fleet's and "
+                "the hosts' budgets. Days and months start at the chosen day boundary (UTC or a configured offset).",
+    offset_variable=True,
     panels=(
         Panel("stat", "GPU power now", "Power drawn by the GPUs of the selected hosts now, as NVML reports it "
               "(without PUE).", "watt",
@@ -110,49 +119,70 @@ FLEET = Dashboard(
               (q(f"sum(instance:wattson_facility_power_watts:sum{{{HOST}}})", "GPU power x PUE"),), width=4, height=4),
         Panel("stat", "GPUs", "Number of GPUs wattson exports on the selected hosts.", "none",
               (q(f"sum(instance:wattson_gpu_info:count{{{HOST}}})", "GPUs"),), width=4, height=4),
-        Panel("stat", "GPU energy today", "GPU energy since 00:00 UTC, without PUE.", "kwatth",
-              (q(f"sum(instance:wattson_gpu_energy_joules:today{{{HOST}}}) / 3.6e6", "today"),), width=4, height=4),
-        Panel("stat", "GPU energy this month", "GPU energy since the 1st of the month, 00:00 UTC, without PUE.",
-              "kwatth",
-              (q(f"sum(instance:wattson_gpu_energy_joules:month_to_date{{{HOST}}}) / 3.6e6", "this month"),),
+        Panel("stat", "GPU energy today", "GPU energy since the start of the day (at the chosen day boundary), "
+              "without PUE, from wattson's own period totals.", "kwatth",
+              (q(f"sum(instance:wattson_gpu_energy_joules:today{{{HOST_OFFSET}}}) / 3.6e6", "today"),),
+              width=4, height=4),
+        Panel("stat", "GPU energy this month", "GPU energy since the 1st of the month (at the chosen day boundary), "
+              "without PUE.", "kwatth",
+              (q(f"sum(instance:wattson_gpu_energy_joules:month_to_date{{{HOST_OFFSET}}}) / 3.6e6", "this month"),),
               width=4, height=4),
         Panel("stat", "Cost per GPU-hour", "Net electricity cost of one GPU for one hour, averaged over the last "
               "hour and the selected hosts, per currency.", MONEY,
               (q(f"sum by (currency) (instance:wattson_gpu_net_cost_per_hour:rate1h{{{HOST}}}) / sum by (currency) "
-                 f"(count by (job, instance, currency) (wattson_gpu_cost_total{{{HOST}}}))", "{{currency}}"),),
+                 f"(count by (cluster, job, instance, currency) (wattson_gpu_cost_total{{{HOST}}}))", "{{currency}}"),),
               width=4, height=4),
-        Panel("stat", "Cost today", "Net electricity cost (cost minus credits earned at negative prices) since "
-              "00:00 UTC, per currency, PUE included.", MONEY,
-              (q(f"sum by (currency) (instance:wattson_gpu_net_cost:today{{{HOST}}})", "{{currency}}"),)),
-        Panel("stat", "Cost this month", "Net electricity cost since the 1st of the month, 00:00 UTC, per currency.",
-              MONEY,
-              (q(f"sum by (currency) (instance:wattson_gpu_net_cost:month_to_date{{{HOST}}})", "{{currency}}"),)),
-        Panel("gauge", "Cost today, share of daily budget", "Today's net cost of the hosts that have a daily budget "
-              "(budgets.cost_per_day) divided by the sum of those budgets.", "percentunit",
-              (q(f"sum by (currency) (instance:wattson_gpu_net_cost:today{{{HOST}}} and on (job, instance, currency) "
-                 f"wattson_budget_cost{{period=\"day\"}}) / sum by (currency) "
-                 f"(wattson_budget_cost{{period=\"day\", {HOST}}})", "{{currency}}"),),
+        Panel("stat", "Cost today", "Net electricity cost (cost minus credits earned at negative prices) since the "
+              "start of the day, per currency, PUE included.", MONEY,
+              (q(f"sum by (currency) (instance:wattson_gpu_net_cost:today{{{HOST_OFFSET}}})", "{{currency}}"),)),
+        Panel("stat", "Cost this month", "Net electricity cost since the 1st of the month, per currency.", MONEY,
+              (q(f"sum by (currency) (instance:wattson_gpu_net_cost:month_to_date{{{HOST_OFFSET}}})",
+                 "{{currency}}"),)),
+        Panel("gauge", "Cost today, share of daily budget", "Today's net cost of the selected hosts divided by the "
+              "fleet's daily budget (budgets.scopes, scope fleet), and the cost of the hosts that have a daily "
+              "budget of their own (budgets.cost_per_day) divided by the sum of those budgets.", "percentunit",
+              (q(f"sum by (currency) (instance:wattson_gpu_net_cost:today{{{HOST_OFFSET}}}) / on (currency) "
+                 f"group_left () scope:wattson_budget_cost:max{{scope=\"fleet\", period=\"day\"}}",
+                 "fleet {{currency}}"),
+               q(f"sum by (currency) (instance:wattson_gpu_net_cost:today{{{HOST_OFFSET}}} and on (cluster, job, "
+                 f"instance, currency) scope:wattson_budget_cost:max{{scope=\"instance\", period=\"day\"}}) / sum by "
+                 f"(currency) (scope:wattson_budget_cost:max{{scope=\"instance\", period=\"day\", {HOST}}})",
+                 "hosts {{currency}}")),
               min=0, max=1.5, steps=SHARE_STEPS),
-        Panel("gauge", "Cost this month, share of budget", "This month's net cost of the hosts that have a monthly "
-              "budget (budgets.cost_per_month) divided by the sum of those budgets.", "percentunit",
-              (q(f"sum by (currency) (instance:wattson_gpu_net_cost:month_to_date{{{HOST}}} and on (job, instance, "
-                 f"currency) wattson_budget_cost{{period=\"month\"}}) / sum by (currency) "
-                 f"(wattson_budget_cost{{period=\"month\", {HOST}}})", "{{currency}}"),),
+        Panel("gauge", "Cost this month, share of budget", "This month's net cost of the selected hosts divided by "
+              "the fleet's monthly budget, and the cost of the hosts that have a monthly budget of their own "
+              "(budgets.cost_per_month) divided by the sum of those budgets.", "percentunit",
+              (q(f"sum by (currency) (instance:wattson_gpu_net_cost:month_to_date{{{HOST_OFFSET}}}) / on (currency) "
+                 f"group_left () scope:wattson_budget_cost:max{{scope=\"fleet\", period=\"month\"}}",
+                 "fleet {{currency}}"),
+               q(f"sum by (currency) (instance:wattson_gpu_net_cost:month_to_date{{{HOST_OFFSET}}} and on (cluster, "
+                 f"job, instance, currency) scope:wattson_budget_cost:max{{scope=\"instance\", period=\"month\"}}) / "
+                 f"sum by (currency) (scope:wattson_budget_cost:max{{scope=\"instance\", period=\"month\", {HOST}}})",
+                 "hosts {{currency}}")),
               min=0, max=1.5, steps=SHARE_STEPS),
-        Panel("stat", "CO2e today", "Emissions since 00:00 UTC: energy x PUE x grid carbon intensity at the time.",
-              "massg", (q(f"sum(instance:wattson_gpu_co2e_grams:today{{{HOST}}})", "today"),)),
-        Panel("stat", "CO2e this month", "Emissions since the 1st of the month, 00:00 UTC.", "massg",
-              (q(f"sum(instance:wattson_gpu_co2e_grams:month_to_date{{{HOST}}})", "this month"),)),
-        Panel("gauge", "CO2e this month, share of budget", "This month's emissions of the hosts that have a monthly "
-              "CO2e budget (budgets.co2e_grams_per_month) divided by the sum of those budgets.", "percentunit",
-              (q(f"sum(instance:wattson_gpu_co2e_grams:month_to_date{{{HOST}}} and on (job, instance) "
-                 f"wattson_budget_co2e_grams{{period=\"month\"}}) / sum(wattson_budget_co2e_grams{{period=\"month\", "
-                 f"{HOST}}})", "CO2e"),),
+        Panel("stat", "CO2e today", "Emissions since the start of the day: energy x PUE x grid carbon intensity at "
+              "the time.", "massg", (q(f"sum(instance:wattson_gpu_co2e_grams:today{{{HOST_OFFSET}}})", "today"),)),
+        Panel("stat", "CO2e this month", "Emissions since the 1st of the month.", "massg",
+              (q(f"sum(instance:wattson_gpu_co2e_grams:month_to_date{{{HOST_OFFSET}}})", "this month"),)),
+        Panel("gauge", "CO2e this month, share of budget", "This month's emissions of the selected hosts divided by "
+              "the fleet's monthly CO2e budget, and those of the hosts with a monthly CO2e budget of their own "
+              "(budgets.co2e_grams_per_month) divided by the sum of those budgets.", "percentunit",
+              (q(f"sum(instance:wattson_gpu_co2e_grams:month_to_date{{{HOST_OFFSET}}}) / on () group_left () "
+                 f"scope:wattson_budget_co2e_grams:max{{scope=\"fleet\", period=\"month\"}}", "fleet"),
+               q(f"sum(instance:wattson_gpu_co2e_grams:month_to_date{{{HOST_OFFSET}}} and on (cluster, job, instance) "
+                 f"scope:wattson_budget_co2e_grams:max{{scope=\"instance\", period=\"month\"}}) / "
+                 f"sum(scope:wattson_budget_co2e_grams:max{{scope=\"instance\", period=\"month\", {HOST}}})",
+                 "hosts")),
               min=0, max=1.5, steps=SHARE_STEPS),
         Panel("bargauge", "Top hosts by cost this month", "The ten hosts with the highest net cost this month, per "
               "currency.", MONEY,
-              (q(f"topk by (currency) (10, instance:wattson_gpu_net_cost:month_to_date{{{HOST}}})",
+              (q(f"topk by (currency) (10, instance:wattson_gpu_net_cost:month_to_date{{{HOST_OFFSET}}})",
                  "{{instance}} {{currency}}", instant=True),), width=6, height=8),
+        Panel("bargauge", "Cost this month by cluster", "Net cost this month of the selected hosts in each cluster "
+              "(the `cluster` label of the scrape or of Prometheus's external labels; hosts without one are left "
+              "out).", MONEY,
+              (q(f"sum by (cluster, currency) (instance:wattson_gpu_net_cost:month_to_date{{{HOST_OFFSET}, "
+                 f"cluster!=\"\"}})", "{{cluster}} {{currency}}", instant=True),), width=6, height=8),
         Panel("timeseries", "Cost rate (per hour)", "Net cost per hour at the 5-minute burn rate, per currency.",
               MONEY,
               (q(f"sum by (currency) (instance:wattson_gpu_net_cost_per_hour:rate5m{{{HOST}}})", "{{currency}}"),),
@@ -288,54 +318,84 @@ GRID = Dashboard(
                                  "price, in kWh (GPU energy x PUE)."),),
 )
 
+# Budget panels: a scope's spend and budget are both scope:... rules. A host's own (scope instance) follow
+# the host variable; the wider scopes (cluster, fleet, namespace, account, user) have no instance label
+# and always show.
+SCOPE_HOST = f'scope="instance", {HOST_OFFSET}'
+SCOPE_WIDER = 'scope!="instance", instance=~"$host|", offset="$offset"'
+WIDER_LEGEND = "{{scope}} {{cluster}}{{namespace}}{{account}}{{user}}"
+
+
+def over_budget(rule: str, budget: str, period: str, money: bool = True) -> tuple[Query, ...]:
+    """A scope's spend (or emissions) divided by its budget: the selected hosts' own, then the wider scopes."""
+    on = SCOPE_KEYS + (", currency" if money else "")
+    cur = " {{currency}}" if money else ""
+    return tuple(q(f"{rule}{{{sel}}} / on ({on}) group_left () {budget}{{period=\"{period}\"}}", legend + cur,
+                   instant=True)
+                 for sel, legend in ((SCOPE_HOST, "{{instance}}"), (SCOPE_WIDER, WIDER_LEGEND)))
+
+
+def with_budget(rule: str, budget: str, period: str, what: str, money: bool = True) -> tuple[Query, ...]:
+    """A scope's spend (or emissions) over time, for the scopes that have a budget, and that budget."""
+    on = SCOPE_KEYS + (", currency" if money else "")
+    cur = " {{currency}}" if money else ""
+    spent = tuple(q(f"{rule}{{{sel}}} and on ({on}) {budget}{{period=\"{period}\"}}", f"{legend} {what}{cur}")
+                  for sel, legend in ((SCOPE_HOST, "{{instance}}"), (SCOPE_WIDER, WIDER_LEGEND)))
+    return spent + (q(f"{budget}{{period=\"{period}\", instance=~\"$host|\"}}",
+                      f"{{{{scope}}}} {{{{instance}}}}{{{{cluster}}}}{{{{namespace}}}}{{{{account}}}}{{{{user}}}} "
+                      f"budget{cur}"),)
+
+
 BUDGET = Dashboard(
     uid="wattson-budget",
     title="wattson / Budget",
-    description="Spend and emissions this month (UTC) against each host's budget, the month-end forecast and "
-                "the state of the wattson alerts.",
+    description="Spend and emissions today and this month against the budget of each scope (a host's own, a "
+                "cluster's, the fleet's, a namespace's, a Slurm account's, a user's), the month-end forecast and "
+                "the state of the wattson alerts. The host variable selects hosts' own budgets; the wider scopes "
+                "always show.",
     time_from="now-7d",
+    offset_variable=True,
     panels=(
-        Panel("bargauge", "Spent this month, share of budget", "Each host's net cost since the 1st divided by its "
-              "monthly budget (budgets.cost_per_month).", "percentunit",
-              (q(f"instance:wattson_gpu_net_cost:month_to_date{{{HOST}}} / on (job, instance, currency) "
-                 f"wattson_budget_cost{{period=\"month\"}}", "{{instance}} {{currency}}", instant=True),),
+        Panel("bargauge", "Spent this month, share of budget", "Each scope's net cost since the 1st divided by its "
+              "monthly budget: the selected hosts' own (budgets.cost_per_month) and those of budgets.scopes "
+              "(cluster, fleet, namespace, account, user).", "percentunit",
+              over_budget("scope:wattson_gpu_net_cost:month_to_date", "scope:wattson_budget_cost:max", "month"),
               width=8, height=8, min=0, max=1.5, steps=SHARE_STEPS),
-        Panel("bargauge", "Month-end forecast, share of budget", "Each host's spend by the end of the month at the "
+        Panel("bargauge", "Month-end forecast, share of budget", "Each scope's spend by the end of the month at the "
               "burn rate of the last 6 hours, divided by its monthly budget.", "percentunit",
-              (q(f"instance:wattson_gpu_net_cost:month_end_forecast6h{{{HOST}}} / on (job, instance, currency) "
-                 f"wattson_budget_cost{{period=\"month\"}}", "{{instance}} {{currency}}", instant=True),),
+              over_budget("scope:wattson_gpu_net_cost:month_end_forecast6h", "scope:wattson_budget_cost:max",
+                          "month"),
               width=8, height=8, min=0, max=1.5, steps=SHARE_STEPS),
-        Panel("bargauge", "Spent today, share of daily budget", "Each host's net cost since 00:00 UTC divided by its "
-              "daily budget (budgets.cost_per_day).", "percentunit",
-              (q(f"instance:wattson_gpu_net_cost:today{{{HOST}}} / on (job, instance, currency) "
-                 f"wattson_budget_cost{{period=\"day\"}}", "{{instance}} {{currency}}", instant=True),),
+        Panel("bargauge", "Spent today, share of daily budget", "Each scope's net cost since the start of the day "
+              "divided by its daily budget.", "percentunit",
+              over_budget("scope:wattson_gpu_net_cost:today", "scope:wattson_budget_cost:max", "day"),
               width=8, height=8, min=0, max=1.5, steps=SHARE_STEPS),
-        Panel("timeseries", "Spent this month and budget", "Net cost since the 1st and the monthly budget, per host.",
-              MONEY,
-              (q(f"instance:wattson_gpu_net_cost:month_to_date{{{HOST}}}", "{{instance}} spent {{currency}}"),
-               q(f"wattson_budget_cost{{period=\"month\", {HOST}}}", "{{instance}} budget {{currency}}")),
+        Panel("timeseries", "Spent this month and budget", "Net cost since the 1st of each scope that has a monthly "
+              "budget, and that budget.", MONEY,
+              with_budget("scope:wattson_gpu_net_cost:month_to_date", "scope:wattson_budget_cost:max", "month",
+                          "spent"),
               width=12, height=8),
         Panel("timeseries", "Month-end forecast", "Spend by the end of the month: spent so far plus the burn rate of "
-              "the last 6 hours (and of the last hour) times the time left; against the monthly budget.", MONEY,
-              (q(f"instance:wattson_gpu_net_cost:month_end_forecast6h{{{HOST}}}",
-                 "{{instance}} at the 6h burn rate {{currency}}"),
-               q(f"instance:wattson_gpu_net_cost:month_end_forecast1h{{{HOST}}}",
-                 "{{instance}} at the 1h burn rate {{currency}}"),
-               q(f"wattson_budget_cost{{period=\"month\", {HOST}}}", "{{instance}} budget {{currency}}")),
+              "the last 6 hours (and of the last hour) times the time left, for each scope with a monthly budget; "
+              "against that budget.", MONEY,
+              with_budget("scope:wattson_gpu_net_cost:month_end_forecast6h", "scope:wattson_budget_cost:max",
+                          "month", "at the 6h burn rate")
+              + with_budget("scope:wattson_gpu_net_cost:month_end_forecast1h", "scope:wattson_budget_cost:max",
+                            "month", "at the 1h burn rate")[:2],
               width=12, height=8),
-        Panel("timeseries", "CO2e this month and budget", "Emissions since the 1st and the monthly CO2e budget "
-              "(budgets.co2e_grams_per_month), per host.", "massg",
-              (q(f"instance:wattson_gpu_co2e_grams:month_to_date{{{HOST}}}", "{{instance}} emitted"),
-               q(f"wattson_budget_co2e_grams{{period=\"month\", {HOST}}}", "{{instance}} budget")),
+        Panel("timeseries", "CO2e this month and budget", "Emissions since the 1st of each scope that has a monthly "
+              "CO2e budget, and that budget.", "massg",
+              with_budget("scope:wattson_gpu_co2e_grams:month_to_date", "scope:wattson_budget_co2e_grams:max",
+                          "month", "emitted", money=False),
               width=12, height=8),
-        Panel("bargauge", "CO2e this month, share of budget", "Each host's emissions since the 1st divided by its "
+        Panel("bargauge", "CO2e this month, share of budget", "Each scope's emissions since the 1st divided by its "
               "monthly CO2e budget.", "percentunit",
-              (q(f"instance:wattson_gpu_co2e_grams:month_to_date{{{HOST}}} / on (job, instance) "
-                 f"wattson_budget_co2e_grams{{period=\"month\"}}", "{{instance}}", instant=True),),
+              over_budget("scope:wattson_gpu_co2e_grams:month_to_date", "scope:wattson_budget_co2e_grams:max",
+                          "month", money=False),
               width=12, height=8, min=0, max=1.5, steps=SHARE_STEPS),
         Panel("table", "Alerts", "wattson alerts pending or firing now (Prometheus's ALERTS series); the ones "
-              "without a host (WattsonAbsent) always show.", "none",
-              (q('ALERTS{alertname=~"Wattson.+", instance=~"$host|"}', instant=True, table=True),),
+              "without a host (scopes wider than a host, WattsonAbsent) always show.", "none",
+              (q('ALERTS{alertname=~"Wattson[A-Za-z0-9]+", instance=~"$host|"}', instant=True, table=True),),
               width=24, height=8),
     ),
 )
@@ -411,16 +471,20 @@ def _text_variable(v: TextVariable) -> dict[str, Any]:
             "options": [{"selected": True, "text": v.default, "value": v.default}], "hide": 0, "skipUrlSync": False}
 
 
-def _variables() -> list[dict[str, Any]]:
-    def query_var(name: str, label: str, query: str, sort: int) -> dict[str, Any]:
-        return {
+def _variables(offset: bool = False) -> list[dict[str, Any]]:
+    def query_var(name: str, label: str, query: str, sort: int, multi: bool = True,
+                  current: str | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "name": name, "label": label, "type": "query", "datasource": DATASOURCE,
             "query": {"query": query, "refId": f"{name}-variable"}, "definition": query,
-            "refresh": 2, "sort": sort, "multi": True, "includeAll": True, "allValue": ".*",
-            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-            "hide": 0, "regex": "", "options": [], "skipUrlSync": False,
+            "refresh": 2, "sort": sort, "multi": multi, "includeAll": multi,
         }
-    return [
+        if multi:
+            out |= {"allValue": ".*", "current": {"selected": True, "text": ["All"], "value": ["$__all"]}}
+        else:
+            out["current"] = {"selected": True, "text": current, "value": current}
+        return out | {"hide": 0, "regex": "", "options": [], "skipUrlSync": False}
+    variables = [
         {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
          "current": {"selected": False, "text": "Prometheus", "value": DATASOURCE_UID},
          "hide": 0, "refresh": 1, "regex": "", "options": [], "includeAll": False, "multi": False,
@@ -428,6 +492,12 @@ def _variables() -> list[dict[str, Any]]:
         query_var("host", "Host", "label_values(wattson_build_info, instance)", sort=1),  # alphabetical
         query_var("gpu", "GPU", 'label_values(wattson_gpu_info{instance=~"$host"}, gpu)', sort=3),  # numerical
     ]
+    if offset:
+        # Today and month to date start at midnight UTC (+00:00), or at the offset hosts are configured with.
+        variables.append(query_var("offset", "Day boundary (UTC offset)",
+                                   'label_values(wattson_period_start_timestamp_seconds{instance=~"$host"}, offset)',
+                                   sort=1, multi=False, current=UTC_OFFSET))
+    return variables
 
 
 def _thresholds(steps: list[tuple[float | None, str]] | None) -> dict[str, Any]:
@@ -520,7 +590,7 @@ def render(d: Dashboard) -> dict[str, Any]:
         "links": [{"type": "dashboards", "tags": TAGS, "asDropdown": False, "includeVars": True,
                    "keepTime": True, "title": "wattson", "icon": "external link", "targetBlank": False,
                    "tooltip": "", "url": ""}],
-        "templating": {"list": _variables() + [_text_variable(v) for v in d.text_variables]},
+        "templating": {"list": _variables(d.offset_variable) + [_text_variable(v) for v in d.text_variables]},
         "panels": panels,
     }
 
@@ -561,12 +631,14 @@ def substitute(expr: str, variables: dict[str, str]) -> str:
 
 
 def panel_queries(host: str | None = None, gpu: str | None = None, range_: str = "1h",
-                  rate_interval: str = "1m") -> list[PanelQuery]:
+                  rate_interval: str = "1m", offset: str = UTC_OFFSET) -> list[PanelQuery]:
     """Every query of every dashboard panel, with $host and $gpu set to one value each (None: All,
-    i.e. ".*"), $__range / $__rate_interval to the given durations and text variables to their defaults."""
+    i.e. ".*"), $offset to one day boundary (a single-value variable, written as it is), $__range /
+    $__rate_interval to the given durations and text variables to their defaults."""
     variables = {
         "host": ".*" if host is None else grafana_regex_value(host),
         "gpu": ".*" if gpu is None else grafana_regex_value(gpu),
+        "offset": offset,
         "__range": range_, "__rate_interval": rate_interval, "__interval": rate_interval,
     }
     out = []

@@ -5,11 +5,12 @@
         groups = rules(prom.base)
 
 The shipped prometheus/prometheus.yml is rewritten for the test: the wattson job scrapes the given
-target(s) instead of its file_sd files, Prometheus scrapes itself on its own port, the Alertmanager
-section is dropped, and scrape and evaluation intervals are the test's. Rule files are copied with
-their groups' own `interval` removed, so every group follows the test's evaluation interval (the
-accounting rules are built to give the same results at any interval below 5m), and optionally with
-every alert's `for` shortened, so an alert driven by configuration fires within the test.
+target(s) instead of its file_sd files (optionally with target labels, e.g. a `cluster`), Prometheus
+scrapes itself on its own port, the Alertmanager section is dropped, and scrape and evaluation intervals
+are the test's. Rule files are copied with their groups' own `interval` removed, so every group follows
+the test's evaluation interval (the rules give the same results at any interval: today and month to
+date are wattson's own period totals, read as they are), and optionally with every alert's `for`
+shortened, so an alert driven by configuration fires within the test.
 
 The binary is the `prometheus` on PATH: missing, the test is skipped, or fails under CI=true
 (tests.conftest.require_tool).
@@ -69,8 +70,10 @@ class Prometheus:
 
 
 def render_config(wattson_targets: Sequence[str], prometheus_target: str, rule_files: Sequence[Path],
-                  scrape_interval: str, evaluation_interval: str) -> dict[str, Any]:
-    """The shipped prometheus.yml with its targets, rule files and intervals replaced for a test."""
+                  scrape_interval: str, evaluation_interval: str,
+                  target_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """The shipped prometheus.yml with its targets, rule files and intervals replaced for a test, and the
+    wattson targets given `target_labels` (as file_sd's `labels` would)."""
     cfg = yaml.safe_load(SHIPPED_CONFIG.read_text())
     cfg["global"]["scrape_interval"] = scrape_interval
     cfg["global"]["scrape_timeout"] = scrape_interval
@@ -82,7 +85,8 @@ def render_config(wattson_targets: Sequence[str], prometheus_target: str, rule_f
         job = {k: v for k, v in job.items()
                if k not in ("file_sd_configs", "static_configs", "scrape_interval", "scrape_timeout")}
         if job["job_name"] == "wattson":
-            job["static_configs"] = [{"targets": list(wattson_targets)}]
+            job["static_configs"] = [{"targets": list(wattson_targets)}
+                                     | ({"labels": dict(target_labels)} if target_labels else {})]
         elif job["job_name"] == "prometheus":
             job["static_configs"] = [{"targets": [prometheus_target]}]
         else:
@@ -120,14 +124,14 @@ def start_prometheus(tmp_path: Path, wattson_target: str | Sequence[str],
                      rule_files: Sequence[Path] | None = None, scrape_interval: str = "1s",
                      evaluation_interval: str | None = None, keep_group_intervals: bool = False,
                      alert_for: str | None = None, extra_args: Sequence[str] = (),
-                     binary: str | None = None) -> Iterator[Prometheus]:
+                     binary: str | None = None, target_labels: dict[str, str] | None = None) -> Iterator[Prometheus]:
     """Start Prometheus on a free loopback port with a fresh TSDB under tmp_path; stop it on exit.
 
     rule_files defaults to the shipped ones; evaluation_interval to scrape_interval. The rule files
     are used as copies: with their groups' intervals removed unless keep_group_intervals, and with
     every alert's `for` set to alert_for if given (e.g. "0s" to see an alert fire at once instead of
-    after its 5 minutes). Raises AssertionError (with Prometheus's log) if it exits or is not ready
-    within 30 s."""
+    after its 5 minutes); target_labels are added to every wattson target. Raises AssertionError (with
+    Prometheus's log) if it exits or is not ready within 30 s."""
     binary = binary or require_tool("prometheus")
     targets = [wattson_target] if isinstance(wattson_target, str) else list(wattson_target)
     evaluation_interval = evaluation_interval or scrape_interval
@@ -137,7 +141,8 @@ def start_prometheus(tmp_path: Path, wattson_target: str | Sequence[str],
     sources = [Path(p).resolve() for p in (rule_files if rule_files is not None else shipped_rule_files())]
     rules_used = copy_rules_for_test(sources, workdir / "rules", keep_group_intervals, alert_for)
     config_path = workdir / "prometheus.yml"
-    config = render_config(targets, f"127.0.0.1:{port}", rules_used, scrape_interval, evaluation_interval)
+    config = render_config(targets, f"127.0.0.1:{port}", rules_used, scrape_interval, evaluation_interval,
+                           target_labels)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     log_path = workdir / "prometheus.log"
     cmd = [binary, f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'data'}",
@@ -216,8 +221,8 @@ def dashboard_generator() -> ModuleType:
 
 
 def dashboard_queries(host: str | None = None, gpu: str | None = None, range_: str = "1h",
-                      rate_interval: str = "1m") -> list[Any]:
+                      rate_interval: str = "1m", offset: str = "+00:00") -> list[Any]:
     """Every dashboard panel query with its variables substituted (grafana/dashboards.py's
     panel_queries): items with .dashboard, .panel, .ref_id, .expr and .instant."""
     return list(dashboard_generator().panel_queries(host=host, gpu=gpu, range_=range_,
-                                                    rate_interval=rate_interval))
+                                                    rate_interval=rate_interval, offset=offset))

@@ -109,9 +109,21 @@ def test_quick_run_measures_every_section_and_writes_the_report(tmp_path: Path) 
     assert tr["rounds"] > 0 and tr["scrapes"] > 0 and tr["scrapes_failed"] == 0
     assert tr["traced_bytes_start"] > 0 and tr["top_growth"]
 
+    ru = results["rules"]
+    if optional_tool("prometheus") is None:
+        assert "error" in ru, ru
+    else:
+        measured = {r["rule"]: r for r in ru["sizes"][0]["rules"]}
+        assert all(r["health"] == "ok" for r in measured.values()), measured
+        assert {r["group"] for r in measured.values()} >= {"wattson.periods", "wattson.forecast", "baseline.accounting"}
+        new, old = (measured["instance:wattson_gpu_net_cost:month_to_date"],
+                    measured["baseline_instance:wattson_gpu_net_cost:month_to_date"])
+        assert 0 < new["samples"] < old["samples"], (new, old)
+        assert new["input_series"] > 0 and ru["extrapolated"]
+
     text = out.read_text()
     for heading in ("## Summary", "## 1. Scrape latency", "## 2. Sampler cost", "## 3. Energy accuracy",
-                    "## 4. Memory", "## 4b. Memory: what grows", "## 5. Exposition size"):
+                    "## 4. Memory", "## 4b. Memory: what grows", "## 5. Exposition size", "## 6. Rule cost"):
         assert heading in text
     assert "**quick**" in text and "Machine:" in text and "prometheus_client" in text
     assert not re.search(r"\bnan\b", text, re.IGNORECASE)

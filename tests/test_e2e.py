@@ -1,9 +1,11 @@
 """End to end: simulated wattson scraped by a real Prometheus with the shipped config and rules.
 
 Proves that every rule group loads and evaluates, that every PromQL expression of every dashboard
-panel returns data and every dashboard variable lists the host and its GPUs, that an alert is driven
-to firing through wattson's own configuration, and that per-workload totals add up to the GPU totals
-through the Prometheus API. (promtool's static checks of the same files are in tests/test_rules.py.)
+panel returns data and every dashboard variable lists the host, its GPUs and its day boundaries, that
+today and month to date from the rules are exactly wattson's own period totals (and, for a fresh
+wattson, its counters), that budget alerts of several scopes are driven to firing through wattson's own
+configuration, and that per-workload totals add up to the GPU totals through the Prometheus API.
+(promtool's static checks of the same files are in tests/test_rules.py.)
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ import pytest
 from tests.daemon import run_wattson
 from tests.promstack import alerts, dashboard_generator, query, rules, start_prometheus, wait_for
 
+CLUSTER = "e2e"  # the target label Prometheus gives the wattson target, as file_sd's `labels` would
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Budgets tiny enough to be exceeded within seconds; intensity over its threshold while GPUs draw power.
+# Budgets tiny enough to be exceeded within seconds, the host's own and those of wider scopes (the fleet,
+# the cluster the scrape labels it with, the namespace of the pod below); intensity over its threshold
+# while GPUs draw power. Days and months are totalled in UTC and at +02:00.
 CONFIG = """
 sampler: {interval_seconds: 0.5}
 gpu:
@@ -40,11 +46,17 @@ grid:
   price: {zone: DE, sources: [{type: static, price_per_kwh: 0.30, currency: EUR}]}
 budgets:
   currency: EUR
+  period_utc_offset: "+02:00"
   cost_per_day: 0.000001
   cost_per_month: 0.000001
   co2e_grams_per_day: 0.001
   co2e_grams_per_month: 0.001
   carbon_intensity_threshold_grams_per_kwh: 100
+  scopes:
+    - {scope: fleet, cost_per_day: 0.000001, cost_per_month: 0.000001, co2e_grams_per_month: 0.001}
+    - {scope: cluster, cluster: e2e, cost_per_day: 0.000001, cost_per_month: 0.000001, co2e_grams_per_month: 0.001}
+    - {scope: namespace, namespace: serving, cost_per_day: 0.000001, cost_per_month: 0.000001,
+       co2e_grams_per_month: 0.001}
 workloads: {enabled: true}
 """
 
@@ -54,7 +66,8 @@ def stack(tmp_path_factory):
     """wattson and a Prometheus scraping it (skipped without prometheus, failed under CI=true)."""
     tmp = tmp_path_factory.mktemp("e2e")
     with run_wattson(tmp, CONFIG) as wattson, \
-            start_prometheus(tmp, f"127.0.0.1:{wattson.port}", alert_for="0s") as prom:
+            start_prometheus(tmp, f"127.0.0.1:{wattson.port}", alert_for="0s",
+                             target_labels={"cluster": CLUSTER}) as prom:
         target = f"127.0.0.1:{wattson.port}"
         # several scrapes and rule evaluations before anything is asserted
         wait_for("8 scrapes of wattson",
@@ -101,8 +114,8 @@ def test_every_dashboard_variable_lists_the_host_and_its_gpus(stack):
         for v in json.loads(path.read_text())["templating"]["list"]:
             if v["type"] == "query":
                 variables[(v["name"], v["definition"])] = v
-    assert {name for name, _ in variables} == {"host", "gpu"}
-    expected = {"host": {target}, "gpu": {"0", "1", "2", "3"}}
+    assert {name for name, _ in variables} == {"host", "gpu", "offset"}
+    expected = {"host": {target}, "gpu": {"0", "1", "2", "3"}, "offset": {"+00:00", "+02:00"}}
     for name, definition in variables:
         m = LABEL_VALUES.fullmatch(definition)
         assert m, f"variable {name}: {definition!r} is not label_values(selector, label)"
@@ -114,13 +127,24 @@ def test_every_dashboard_variable_lists_the_host_and_its_gpus(stack):
 
 
 def test_budget_alert_fires_from_configuration(stack):
-    _w, prom, _t = stack
-    firing = wait_for("a cost budget alert firing", lambda: [
-        a for a in alerts(prom.base) if a["state"] == "firing" and a["labels"]["alertname"] in
-        ("WattsonMonthlyCostBudgetExceeded", "WattsonDailyCostBudgetExceeded")], timeout=60)
-    assert firing
-    for a in firing:
-        assert a["labels"].get("severity") and a["annotations"].get("summary") and a["annotations"].get("description")
+    """Each scope's budget alert fires once, at the configured day boundary (+02:00), with its budget."""
+    _w, prom, target = stack
+
+    def firing() -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        for a in alerts(prom.base):
+            if a["state"] == "firing" and a["labels"]["alertname"] == "WattsonMonthlyCostBudgetExceeded":
+                out.setdefault(a["labels"]["scope"], []).append(a)
+        return out if set(out) >= {"instance", "cluster", "fleet", "namespace"} else {}
+
+    scopes = wait_for("monthly cost budget alerts of four scopes", firing, timeout=60)
+    assert [a["labels"]["instance"] for a in scopes["instance"]] == [target]
+    assert [a["labels"]["cluster"] for a in scopes["cluster"]] == [CLUSTER]
+    assert [a["labels"]["namespace"] for a in scopes["namespace"]] == ["serving"]
+    for a in (a for found in scopes.values() for a in found):
+        assert a["labels"]["offset"] == "+02:00" and a["labels"]["currency"] == "EUR", a["labels"]
+        assert a["labels"].get("severity") and a["annotations"].get("summary"), a
+        assert "more than its monthly budget of 0.00 EUR" in a["annotations"]["description"], a["annotations"]
     carbon = wait_for("the carbon intensity alert firing", lambda: [
         a for a in alerts(prom.base) if a["state"] == "firing"
         and a["labels"]["alertname"] == "WattsonGridCarbonIntensityHigh"], timeout=60)
@@ -160,3 +184,46 @@ def test_per_job_cost_is_visible_and_split_between_jobs(stack):
     assert ("slurm_job", "4242") in jobs and ("slurm_job", "4243") in jobs
     assert any(kind == "pod" for kind, _ in jobs)
     assert all(v > 0 for v in jobs.values())
+
+
+def _at_rule_time(prom, rule: str, raw: str) -> tuple[float, float, float]:
+    """(time, rule value, raw value): the rule's latest sample (a selector, or an aggregation of one) and the
+    raw expression, both at the time of that sample."""
+    selector = rule[rule.index("(") + 1:rule.rindex(")")] if rule.startswith("sum(") else rule
+    latest = wait_for(f"{rule} recorded", lambda: query(prom.base, f"max(timestamp({selector}))"), timeout=20)
+    at = float(latest[0]["value"][1])
+    got = query(prom.base, rule, at=at)
+    want = query(prom.base, raw, at=at)
+    assert len(got) == 1 and len(want) == 1, (rule, got, raw, want)
+    return at, float(got[0]["value"][1]), float(want[0]["value"][1])
+
+
+@pytest.mark.parametrize("period, rule", [("day", "today"), ("month", "month_to_date")])
+@pytest.mark.parametrize("offset", ["+00:00", "+02:00"])
+def test_today_and_month_to_date_are_wattsons_own_totals(stack, period, rule, offset):
+    """The rules' today and month to date per instance are exactly what wattson exports for the period
+    (the sum of wattson_period_energy_joules), read at the same instant."""
+    _w, prom, target = stack
+    sel = f'instance="{target}",offset="{offset}"'
+    _at, got, want = _at_rule_time(
+        prom, f"instance:wattson_gpu_energy_joules:{rule}{{{sel}}}",
+        f'sum(wattson_period_energy_joules{{{sel},period="{period}"}})')
+    assert want > 0 and got == pytest.approx(want, rel=1e-9, abs=1e-9)
+    _at, got, want = _at_rule_time(
+        prom, f'sum(instance:wattson_gpu_net_cost:{rule}{{{sel},currency="EUR"}})',
+        f'sum(wattson_period_cost{{{sel},period="{period}",currency="EUR"}})')
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
+def test_today_is_the_counters_increase_since_wattson_started(stack):
+    """wattson started from nothing today (unless midnight passed since): today's energy from the rules is
+    then the increase of its energy counters since it started, their value now."""
+    _w, prom, target = stack
+    sel = f'instance="{target}",offset="+00:00"'
+    at, got, counters = _at_rule_time(prom, f"instance:wattson_gpu_energy_joules:today{{{sel}}}",
+                                      f'sum(wattson_gpu_energy_joules_total{{instance="{target}"}})')
+    start = query(prom.base, f'wattson_period_start_timestamp_seconds{{{sel},period="day"}}', at=at)
+    started = query(prom.base, f'process_start_time_seconds{{instance="{target}"}}', at=at)
+    if float(start[0]["value"][1]) > float(started[0]["value"][1]):
+        pytest.skip("midnight (UTC) passed while the test ran")
+    assert counters > 0 and got == pytest.approx(counters, rel=1e-9, abs=1e-9)
