@@ -1,4 +1,4 @@
-"""Run wattson's benchmarks (issue 5) and rewrite docs/benchmarks.md with the results.
+"""Run wattson's benchmarks and rewrite docs/benchmarks.md with the results.
 
     python bench/run.py            # full: the issue's numbers (about 60 minutes, 30 of them memory)
     python bench/run.py --quick    # small counts, for CI smoke tests (about a minute)
