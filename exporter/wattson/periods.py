@@ -473,7 +473,9 @@ def totals_to_json(t: PeriodTotals) -> dict[str, Any]:
             "cost": dict(t.cost), "co2e_grams": t.co2e_grams}
 
 
-def _finite(value: Any, where: str, signed: bool = False) -> float:
+def finite_number(value: Any, where: str, signed: bool = False) -> float:
+    """A number read back from the state file: finite, and not negative unless `signed`; ValueError naming
+    `where` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{where}: not a finite number")
     if value < 0 and not signed:
@@ -491,9 +493,10 @@ def totals_from_json(d: Any) -> tuple[str, str, float, float, dict[str, float], 
     cost = d.get("cost", {})
     if not isinstance(cost, dict):
         raise ValueError("cost: not an object")
-    return (period, offset, _finite(d.get("start"), "start"), _finite(d.get("energy_joules"), "energy_joules"),
-            {str(c): _finite(a, f"cost.{c}", signed=True) for c, a in cost.items()},
-            _finite(d.get("co2e_grams", 0.0), "co2e_grams"))
+    return (period, offset, finite_number(d.get("start"), "start"),
+            finite_number(d.get("energy_joules"), "energy_joules"),
+            {str(c): finite_number(a, f"cost.{c}", signed=True) for c, a in cost.items()},
+            finite_number(d.get("co2e_grams", 0.0), "co2e_grams"))
 
 
 class HostPeriods:

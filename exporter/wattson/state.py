@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import socket
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .logfmt import kv
-from .periods import state_entries
+from .periods import finite_number, state_entries
 from .snapshot import Snapshot
 
 log = logging.getLogger("wattson.state")
@@ -89,11 +88,10 @@ class StorageStatus:
 
 
 def _finite(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise StateError("corrupt", f"{where}: not a finite number")
-    if value < 0:
-        raise StateError("corrupt", f"{where}: negative")
-    return float(value)
+    try:
+        return finite_number(value, where)
+    except ValueError as exc:
+        raise StateError("corrupt", str(exc)) from None
 
 
 def _amounts(value: Any, where: str) -> dict[str, float]:
