@@ -57,6 +57,7 @@ class GpuState:
         self.meter = EnergyMeter(max_power_watts)
         self.account = GpuAccount()
         self.errors: dict[str, int] = {}
+        self._errors_view: tuple[tuple[str, int], ...] = ()  # `errors` as published; rebuilt when it changes
         self.reinit_requested = False
         self.hung_reported = False
         self.read_since: float | None = None  # monotonic start of a driver call still in progress
@@ -107,6 +108,7 @@ class GpuState:
 
     def _count(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
+        self._errors_view = tuple(sorted(self.errors.items()))
 
     def _publish(self, up: bool, reading: GpuReading | None = None) -> None:
         prev = self.snapshot
@@ -116,7 +118,7 @@ class GpuState:
             reading=reading if reading is not None else prev.reading,
             energy_joules=self.meter.total_joules,
             energy_method=self.meter.method or "unknown",
-            errors=tuple(sorted(self.errors.items())),
+            errors=self._errors_view,
             account=self.account.frozen(),
             unmetered_seconds=self.unmetered_seconds,
             catching_up=self.catching_up,
@@ -141,6 +143,7 @@ class GpuState:
         first reading (see EnergyMeter.resume)."""
         self.account.restore(saved.cost, saved.credit, saved.co2e_grams, saved.unpriced_joules)
         self.errors = dict(saved.errors)
+        self._errors_view = tuple(sorted(self.errors.items()))
         self.unmetered_seconds = saved.unmetered_seconds
         if saved.reading_time is not None:
             self.meter.resume(saved.energy_joules, saved.method, saved.counter_millijoules, saved.reading_time,
